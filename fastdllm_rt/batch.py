@@ -1,0 +1,182 @@
+"""What one call of the unified forward computes: rows, their kinds, and where their tokens sit.
+
+A forward packs the query windows of many rows into one token array ``[T]``. Every linear layer runs once
+over all ``T`` tokens; only attention and cache writes look at row structure, through ``Group``s of rows of one
+kind. Groups are laid out in a fixed order so that the rows a reuse policy skips form one contiguous tail:
+
+    PLAIN | PREFILL | COMMIT | FULL | SUB (computing) | SUB (skipping)
+
+Kinds (contract §1):
+* PLAIN   block-causal forward over absolute positions, nothing cached (scoring);
+* PREFILL clean tokens of whole blocks appended to the prefix cache;
+* COMMIT  a finished 32-token block appended to the prefix cache (prefill of one block);
+* FULL    the current block's 32 positions; rebuilds the block cache;
+* SUB     8 positions at offset r of the block; overwrites the block cache at [r, r+8).
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+
+class Kind(enum.IntEnum):
+    PLAIN = 0
+    PREFILL = 1
+    COMMIT = 2
+    FULL = 3
+    SUB = 4
+
+    @property
+    def label(self) -> str:
+        return {0: "plain", 1: "prefill", 2: "commit", 3: "full_block", 4: "sub_block"}[int(self)]
+
+    @property
+    def extends(self) -> bool:
+        """Block-causal window over own keys (all but SUB)."""
+        return self is not Kind.SUB
+
+    @property
+    def writes_prefix(self) -> bool:
+        return self in (Kind.PREFILL, Kind.COMMIT)
+
+    @property
+    def writes_block(self) -> bool:
+        return self in (Kind.FULL, Kind.SUB)
+
+
+@dataclass
+class RowRequest:
+    """One row of a forward, as the sampler or scorer asks for it.
+
+    ``start``: absolute position of the first token (for SUB: the position of block offset ``r``);
+    ``logits_at``: offsets inside the window whose hidden states are projected to logits (callers apply the
+    token shift through ``shifted_sources``); ``skip``: this SUB row skips the policy's layers this step."""
+    kind: Kind
+    slot: int
+    start: int
+    tokens: torch.Tensor
+    logits_at: list[int] = field(default_factory=list)
+    skip: bool = False
+
+
+@dataclass
+class Group:
+    kind: Kind
+    skip: bool
+    tok_lo: int
+    tok_hi: int
+    rows: list[int]                 # indices into the caller's request list
+    slots: torch.Tensor             # [R] long
+    starts: torch.Tensor            # [R] long: window start (extend kinds) or block start (SUB)
+    lens: list[int]
+    cu: torch.Tensor                # [R+1] long, offsets relative to tok_lo
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.rows)
+
+
+@dataclass
+class ForwardBatch:
+    tokens: torch.Tensor            # [T]
+    positions: torch.Tensor         # [T] absolute positions
+    token_slot: torch.Tensor        # [T] cache slot of each token
+    groups: list[Group]
+    logits_index: torch.Tensor      # [N] packed token indices to project
+    logits_rows: list[tuple[int, int, int]]  # per request: (request index, lo, hi) into the logits
+    reuse_lo: int                   # first token of FULL/SUB rows (their reuse cache is refreshed)
+    skip_from: int                  # first token of rows skipping the policy layers (T when none)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.numel()
+
+    def counts_by_kind(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for g in self.groups:
+            out[g.kind.label] = out.get(g.kind.label, 0) + g.num_rows
+        return out
+
+
+_ORDER = {Kind.PLAIN: 0, Kind.PREFILL: 1, Kind.COMMIT: 2, Kind.FULL: 3}
+
+
+def _group_key(req: RowRequest):
+    if req.kind is Kind.SUB:
+        return (5 if req.skip else 4, False)
+    if req.skip:
+        raise ValueError(f"only sub-block rows may skip layers, got a {req.kind.label} row")
+    return (_ORDER[req.kind], False)
+
+
+def build_batch(requests: list[RowRequest], device, block_size: int) -> ForwardBatch:
+    """Pack requests into one forward. Rows are grouped by kind (order above); within a group the caller's order
+    is kept. ``logits_rows[i]`` tells where request i's logits landed. All metadata crosses to the device in
+    one copy."""
+    order = sorted(range(len(requests)), key=lambda i: _group_key(requests[i]))
+    tokens, positions, slots_tok, logit_idx = [], [], [], []
+    logits_rows: list[tuple[int, int, int]] = [None] * len(requests)  # type: ignore[list-item]
+    meta: list[int] = []            # per group: slots, starts, cu, concatenated; sliced after the copy
+    layout = []                     # (kind, skip, tok_lo, tok_hi, members, lens, meta offset)
+    cursor = n_logits = 0
+    reuse_lo = skip_from = None
+    for key_val in sorted({_group_key(requests[i]) for i in order}):
+        members = [i for i in order if _group_key(requests[i]) == key_val]
+        kind = requests[members[0]].kind
+        skip = key_val[0] == 5
+        lo = cursor
+        if kind in (Kind.FULL, Kind.SUB) and reuse_lo is None:
+            reuse_lo = lo
+        if skip and skip_from is None:
+            skip_from = lo
+        lens, starts, slots, cu = [], [], [], [0]
+        for i in members:
+            req = requests[i]
+            n = req.tokens.numel()
+            if n == 0:
+                raise ValueError("a forward row needs at least one token")
+            if kind is Kind.SUB:
+                starts.append(req.start - req.start % block_size)
+            else:
+                if req.start % block_size and kind is not Kind.PLAIN:
+                    raise ValueError(f"{kind.label} windows start on a block boundary, got {req.start}")
+                starts.append(req.start)
+            tokens.append(req.tokens.reshape(-1).cpu())
+            positions.append(torch.arange(req.start, req.start + n))
+            slots_tok.append(torch.full((n,), req.slot, dtype=torch.long))
+            logit_idx.extend(cursor + j for j in req.logits_at)
+            logits_rows[i] = (i, n_logits, n_logits + len(req.logits_at))
+            n_logits += len(req.logits_at)
+            lens.append(n)
+            slots.append(req.slot)
+            cursor += n
+            cu.append(cursor - lo)
+        layout.append((kind, skip, lo, cursor, members, lens, len(meta)))
+        meta.extend(slots + starts + cu)
+    T = cursor
+    host = torch.cat([torch.cat(tokens).long(), torch.cat(positions), torch.cat(slots_tok),
+                      torch.tensor(logit_idx + meta, dtype=torch.long)])
+    dev = host.to(device, non_blocking=True) if torch.device(device).type == "cuda" else host.to(device)
+    n_log = len(logit_idx)
+    meta_dev = dev[3 * T + n_log:]
+    groups = []
+    for kind, skip, lo, hi, members, lens, off in layout:
+        R = len(members)
+        groups.append(Group(kind=kind, skip=skip, tok_lo=lo, tok_hi=hi, rows=members,
+                            slots=meta_dev[off:off + R], starts=meta_dev[off + R:off + 2 * R], lens=lens,
+                            cu=meta_dev[off + 2 * R:off + 3 * R + 1]))
+    return ForwardBatch(
+        tokens=dev[:T], positions=dev[T:2 * T], token_slot=dev[2 * T:3 * T], groups=groups,
+        logits_index=dev[3 * T:3 * T + n_log], logits_rows=logits_rows,
+        reuse_lo=T if reuse_lo is None else reuse_lo,
+        skip_from=T if skip_from is None else skip_from,
+    )
+
+
+def shifted_sources(targets: list[int]) -> list[int]:
+    """The token-shift rule (spec §2.0), in one place: the prediction for window offset j is read from the
+    hidden state at j-1. Offset 0 has no source inside the window; like the original we read its own slot,
+    and callers guarantee that slot is never used for a masked position."""
+    return [max(t - 1, 0) for t in targets]

@@ -1,0 +1,76 @@
+"""``fastdllm_rt.load``: checkpoint folder or hub id -> a ready ``Runtime``."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .config import ModelConfig, resolve_token_ids
+from .errors import ConfigError
+from .hub import resolve_checkpoint
+from .model import FastDLLM
+from .ops import BACKENDS, make_ops
+from .tokenizer import load_tokenizer
+from .weights import load_into
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+
+
+def pick_device(device=None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device} was requested but CUDA is not available here; pass device='cpu'")
+    return device
+
+
+def pick_dtype(dtype, device: torch.device) -> torch.dtype:
+    """Caller's choice, else bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
+    if dtype is None or dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower().replace("torch.", "")]
+    except KeyError:
+        raise ConfigError(f"dtype {dtype!r} is not supported; choose bf16, fp16 or fp32") from None
+
+
+def pick_backend(backend, device: torch.device) -> str:
+    if backend is None or backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend {backend!r} is unknown; choose one of {BACKENDS}")
+    return backend
+
+
+def build_model(config: ModelConfig, backend: str = "torch", device="cpu") -> FastDLLM:
+    """An unmaterialised model on the meta device (parameter counting, loading)."""
+    with torch.device("meta"):
+        return FastDLLM(config, make_ops(backend, torch.device(device)))
+
+
+def load(model, *, dtype=None, device=None, backend=None, mask_token_id=None, stop_token_id=None,
+         pad_token_id=None, revision=None):
+    """Load a Fast-dLLM v2 (or plain Qwen2) checkpoint into our own model code.
+
+    ``model``: a local folder or a hub id (e.g. ``Efficient-Large-Model/Fast_dLLM_v2_7B``). Token ids come from
+    the checkpoint's tokenizer and config, with the released values as fallback; pass them to override."""
+    from .runtime import Runtime
+
+    folder = resolve_checkpoint(model, revision=revision)
+    config = ModelConfig.from_file(folder)
+    tokenizer = load_tokenizer(folder)
+    token_ids = resolve_token_ids(config, tokenizer, mask=mask_token_id, stop=stop_token_id, pad=pad_token_id)
+    device = pick_device(device)
+    dtype = pick_dtype(dtype, device)
+    backend = pick_backend(backend, device)
+    net = build_model(config, backend, device)
+    load_into(net, folder, dtype, device)
+    net.eval()
+    net.requires_grad_(False)
+    return Runtime(net, tokenizer=tokenizer, token_ids=token_ids, folder=os.path.abspath(folder), backend=backend)

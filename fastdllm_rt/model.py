@@ -1,0 +1,227 @@
+"""The Fast-dLLM v2 transformer (a Qwen2 decoder, spec §1) and its one unified forward.
+
+``FastDLLM.forward(batch, caches, reuse)`` serves every forward kind of contract §1 for sampling and scoring
+alike: the kinds differ only in where K/V are written and which keys each row sees (``batch.py``). A reuse
+policy enters here and nowhere else: a skipped layer is not called at all for the rows that skip it, and its
+output comes from the reuse cache (``reuse.py``).
+
+Projections are stored fused (``qkv_proj``, ``gate_up_proj``); ``weights.py`` maps the checkpoint's HF names
+(``self_attn.q_proj`` ...) onto their slices.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastdllm_kernels.rope.reference import rope_tables
+
+from .batch import ForwardBatch, Group
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=True)
+        self.o_proj = nn.Linear(q, cfg.hidden_size, bias=False)
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+
+    def split_qkv(self, x):
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        qkv = F.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        return (q.reshape(-1, self.num_heads, self.head_dim), k.reshape(-1, self.num_kv_heads, self.head_dim),
+                v.reshape(-1, self.num_kv_heads, self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__()
+        self.index = index
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, attend, ops):
+        """x: [T, hidden] residual stream in; returns the residual stream out. ``attend(q, k, v)`` does the
+        cache writes and attention for this layer."""
+        attn = self.self_attn
+        h = ops.rms_norm(x, self.input_layernorm.weight, self.input_layernorm.eps)
+        q, k, v = attn.split_qkv(h)
+        q, k = ops.rope(q, k, cos, sin)
+        o = attend(q, k, v).reshape(x.shape[0], -1)
+        o = F.linear(o, attn.o_proj.weight)
+        h, x = ops.add_rms_norm(o, x, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps)
+        h = F.linear(ops.swiglu(F.linear(h, self.mlp.gate_up_proj.weight)), self.mlp.down_proj.weight)
+        return x + h
+
+
+class FastDLLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops):
+        super().__init__()
+        self.config = cfg
+        self.ops = ops
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._rope = None
+        # Layer evaluations as they happen (rows that entered each layer / rows that skipped it): the reuse
+        # contract asks for counts taken where the work is, not inferred from the schedule.
+        self.layer_rows_computed = [0] * cfg.num_hidden_layers
+        self.layer_rows_skipped = [0] * cfg.num_hidden_layers
+
+    # ---- helpers -----------------------------------------------------------------------------------------
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    @property
+    def device(self):
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self):
+        return self.embed_tokens.weight.dtype
+
+    def rope_cos_sin(self, positions):
+        if self._rope is None or self._rope[0].device != positions.device or self._rope[0].dtype != self.dtype:
+            cfg = self.config
+            self._rope = rope_tables(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta, self.dtype,
+                                     positions.device)
+        return self._rope[0][positions], self._rope[1][positions]
+
+    def logits(self, hidden):
+        """Final norm + head on the selected hidden states only; fp32 logits."""
+        h = self.ops.rms_norm(hidden, self.norm.weight, self.norm.eps)
+        return F.linear(h, self.head_weight).float()
+
+    def reset_counters(self):
+        n = self.config.num_hidden_layers
+        self.layer_rows_computed = [0] * n
+        self.layer_rows_skipped = [0] * n
+
+    # ---- the unified forward -----------------------------------------------------------------------------
+    def forward(self, batch: ForwardBatch, caches, reuse=None) -> torch.Tensor:
+        """Run one packed forward; return fp32 logits ``[len(batch.logits_index), vocab]``.
+
+        ``caches``: ``Caches`` (may be None when every row is PLAIN with no prefix); ``reuse``: a
+        ``ReuseRuntime`` applying the policy, or None."""
+        x = self.embed_tokens(batch.tokens)
+        cos, sin = self.rope_cos_sin(batch.positions)
+        T = batch.num_tokens
+        n_compute = batch.skip_from
+        compute_groups = [g for g in batch.groups if not g.skip]
+        rows_all = sum(g.num_rows for g in batch.groups)
+        rows_compute = sum(g.num_rows for g in compute_groups)
+        for layer in self.layers:
+            idx = layer.index
+            skipping = reuse is not None and n_compute < T and reuse.skips(idx)
+            if not skipping:
+                x_out = layer(x, cos, sin, self._attend_fn(batch, batch.groups, caches, idx), self.ops)
+                self.layer_rows_computed[idx] += rows_all
+            else:
+                x_out = torch.empty_like(x)
+                if n_compute:
+                    x_out[:n_compute] = layer(x[:n_compute], cos[:n_compute], sin[:n_compute],
+                                              self._attend_fn(batch, compute_groups, caches, idx), self.ops)
+                    self.layer_rows_computed[idx] += rows_compute
+                x_out[n_compute:] = reuse.replay(idx, x[n_compute:], batch.token_slot[n_compute:],
+                                                 batch.positions[n_compute:] % self.config.bd_size)
+                self.layer_rows_skipped[idx] += rows_all - rows_compute
+            if reuse is not None and batch.reuse_lo < n_compute:
+                lo, hi = batch.reuse_lo, n_compute
+                reuse.record(idx, x[lo:hi], x_out[lo:hi], batch.token_slot[lo:hi],
+                             batch.positions[lo:hi] % self.config.bd_size)
+            x = x_out
+        if batch.logits_index.numel() == 0:
+            return x.new_empty(0, self.config.vocab_size, dtype=torch.float32)
+        return self.logits(x[batch.logits_index])
+
+    def _attend_fn(self, batch: ForwardBatch, groups: list[Group], caches, layer: int):
+        ops, bs = self.ops, self.config.bd_size
+        scale = self.layers[layer].self_attn.scale
+
+        def attend(q, k, v):
+            out = torch.empty_like(q)
+            writes_prefix = [g for g in groups if g.kind.writes_prefix]
+            writes_block = [g for g in groups if g.kind.writes_block]
+            if writes_prefix:
+                lo, hi = writes_prefix[0].tok_lo, writes_prefix[-1].tok_hi
+                ops.write_kv(caches.prefix_k[layer], caches.prefix_v[layer], k[lo:hi], v[lo:hi],
+                             batch.token_slot[lo:hi], batch.positions[lo:hi])
+            if writes_block:
+                lo, hi = writes_block[0].tok_lo, writes_block[-1].tok_hi
+                ops.write_kv(caches.block_k[layer], caches.block_v[layer], k[lo:hi], v[lo:hi],
+                             batch.token_slot[lo:hi], batch.positions[lo:hi] % bs)
+            for g in groups:
+                sl = slice(g.tok_lo, g.tok_hi)
+                if g.kind.extends:
+                    pk = caches.prefix_k[layer] if caches is not None else _EMPTY_CACHE(k)
+                    pv = caches.prefix_v[layer] if caches is not None else _EMPTY_CACHE(v)
+                    out[sl] = ops.extend_attention(q[sl], k[sl], v[sl], pk, pv, g, bs, scale)
+                else:
+                    out[sl] = ops.sub_attention(q[sl], caches.prefix_k[layer], caches.prefix_v[layer],
+                                                caches.block_k[layer], caches.block_v[layer], g, scale)
+            return out
+
+        return attend
+
+    # ---- dense forward (training, references) ------------------------------------------------------------
+    def forward_dense(self, input_ids, positions, allowed, logits_slice=None):
+        """Full-sequence forward with an explicit boolean visibility mask, no caches.
+
+        input_ids, positions: [B, N]; allowed: [B or 1, N, N] (True = may attend). Used by the trainer (the
+        training mask of spec §2.1) and by tests; returns fp32 logits for ``logits_slice`` of the sequence."""
+        B, N = input_ids.shape
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rope_cos_sin(positions.expand(B, N).reshape(-1))
+        mask = allowed[:, None]
+        for layer in self.layers:
+            attn = layer.self_attn
+            h = self.ops.rms_norm(x, layer.input_layernorm.weight, layer.input_layernorm.eps)
+            q, k, v = attn.split_qkv(h.reshape(B * N, -1))
+            q, k = self.ops.rope(q, k, cos, sin)
+            q, k, v = (t.reshape(B, N, -1, attn.head_dim) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               attn_mask=mask, enable_gqa=True, scale=attn.scale)
+            o = F.linear(o.transpose(1, 2).reshape(B, N, -1), attn.o_proj.weight)
+            h, x = self.ops.add_rms_norm(o, x, layer.post_attention_layernorm.weight,
+                                         layer.post_attention_layernorm.eps)
+            x = x + F.linear(self.ops.swiglu(F.linear(h, layer.mlp.gate_up_proj.weight)), layer.mlp.down_proj.weight)
+        if logits_slice is not None:
+            x = x[:, logits_slice]
+        return self.logits(x)
+
+
+def _EMPTY_CACHE(like):
+    return like.new_zeros(1, like.shape[1], 0, like.shape[2])
+
+
+def block_causal_allowed(n: int, block_size: int, device=None, offset: int = 0) -> torch.Tensor:
+    """[n, n] visibility of a plain forward over absolute positions offset..offset+n-1 (spec §2.2)."""
+    pos = torch.arange(offset, offset + n, device=device)
+    return (pos[:, None] // block_size) >= (pos[None, :] // block_size)

@@ -1,0 +1,282 @@
+"""Block-diffusion generation: the original ``batch_sample`` (spec §3.2) with its defects fixed (contract §5).
+
+Per step, every row with masks in its current sub-block unmasks each masked position whose confidence is
+strictly above the threshold, plus always its single most confident one. Rows keep their own block, sub-block
+and step counters, so a row in a batch takes the steps it would take alone; finished rows leave and waiting
+prompts take their cache slots (continuous batching).
+
+Fixed defects, each with a regression test in tests/rt/test_sampler_defects.py:
+* a prompt of exactly 32 tokens is prefilled and used (the original ignored it);
+* every row's first token is predicted from its own prompt (no batched off-by-one);
+* temperature > 0 samples each row from its own distribution (the original used row 0's samples for all);
+* stop strings end a generation; returned tokens never contain padding.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from .batch import Kind, RowRequest
+from .engine import BlockState, Engine, check_finite
+from .stats import CallStats
+
+
+@dataclass
+class GenerationResult:
+    tokens: list            # per prompt: generated ids, ending with the stop token when one was produced
+    finish_reasons: list    # "stop_token" | "stop_string" | "length"
+    texts: list | None      # decoded text cut at the first stop string (when a tokenizer is available)
+    stats: CallStats
+
+
+class _Row:
+    __slots__ = ("index", "prompt", "budget", "temperature", "top_p", "generator", "state", "gen", "phase",
+                 "finish_reason", "stop_cut")
+
+    def __init__(self, index, prompt, budget, temperature, top_p, generator):
+        self.index, self.prompt, self.budget = index, prompt, budget
+        self.temperature, self.top_p, self.generator = temperature, top_p, generator
+        self.state: BlockState | None = None
+        self.gen: list[int] = []
+        self.phase = "waiting"          # waiting -> (prefill) -> denoise <-> commit -> done
+        self.finish_reason = None
+        self.stop_cut = None
+
+
+class Sampler:
+    def __init__(self, runtime, *, max_new_tokens, threshold, block_size, small_block_size, use_block_cache,
+                 temperature, top_p, reuse, stop_strings, early_exit, seed, batch_size):
+        self.rt = runtime
+        self.cfg = runtime.config
+        self.ids = runtime.token_ids
+        self.max_new_tokens = max_new_tokens
+        self.threshold = threshold
+        self.use_block_cache = use_block_cache
+        self.temperature, self.top_p = temperature, top_p
+        self.policy = reuse
+        self.stop_strings = [s for s in (stop_strings or []) if s]
+        self.early_exit = early_exit
+        self.seed = seed
+        self.batch_size = batch_size
+        self.bs = block_size
+        self.small = small_block_size
+
+    # ---- main loop ---------------------------------------------------------------------------------------
+    def run(self, prompts: list[list[int]]) -> GenerationResult:
+        rt, bs = self.rt, self.bs
+        temps = _per_row(self.temperature, len(prompts), "temperature")
+        top_ps = _per_row(self.top_p, len(prompts), "top_p")
+        rows = [_Row(i, list(p), self.max_new_tokens, temps[i], top_ps[i], self._generator(i, temps[i]))
+                for i, p in enumerate(prompts)]
+        max_len = max(_round_up(len(r.prompt) + r.budget, bs) + bs for r in rows)
+        n_slots = min(len(rows), self.batch_size or len(rows))
+        caches = rt.new_caches(n_slots, max_len, self.policy)
+        stats = CallStats(num_layers=self.cfg.num_hidden_layers, requests=len(rows))
+        engine = Engine(rt.model, caches, self.ids.mask, use_block_cache=self.use_block_cache,
+                        sub_size=self.small, reuse=rt.reuse_runtime(self.policy, caches), stats=stats)
+        self.engine = engine
+        waiting = deque(rows)
+        active: list[_Row] = []
+        while waiting or active:
+            while waiting and caches.free_slots:
+                row = waiting.popleft()
+                self._admit(row, caches.alloc())
+                active.append(row)
+            requests = [self._request(engine, row) for row in active]
+            logits, batch = engine.run(requests)
+            greedy = _greedy_choice(logits)
+            for row, req, (_, lo, hi) in zip(active, requests, batch.logits_rows):
+                self._advance(engine, row, req, logits[lo:hi], greedy[0][lo:hi], greedy[1][lo:hi])
+            for row in [r for r in active if r.phase == "done"]:
+                caches.release(row.state.slot)
+            active = [r for r in active if r.phase != "done"]
+        stats = engine.finish()
+        stats.tokens_generated = sum(len(r.gen) for r in rows)
+        texts = None
+        if rt.tokenizer is not None:
+            texts = [self._text(r) for r in rows]
+        return GenerationResult(tokens=[r.gen for r in rows], finish_reasons=[r.finish_reason for r in rows],
+                                texts=texts, stats=stats)
+
+    # ---- per-row transitions -----------------------------------------------------------------------------
+    def _admit(self, row: _Row, slot: int) -> None:
+        P, bs = len(row.prompt), self.bs
+        whole = P - P % bs
+        row.state = self.engine.new_state(slot, whole)
+        if whole:
+            row.phase = "prefill"
+        else:
+            self._start_block(row, 0, row.prompt[:])
+
+    def _request(self, engine: Engine, row: _Row) -> RowRequest:
+        st = row.state
+        if row.phase == "prefill":
+            P = len(row.prompt)
+            want = [st.block_start - 1] if P % self.bs == 0 else []
+            return RowRequest(Kind.PREFILL, st.slot, 0, torch.tensor(row.prompt[:st.block_start]), logits_at=want)
+        if row.phase == "commit":
+            return engine.commit_request(st)
+        return engine.denoise_request(st)
+
+    def _advance(self, engine, row: _Row, req: RowRequest, logits, conf, x0) -> None:
+        st, bs = row.state, self.bs
+        if req.kind is Kind.PREFILL:
+            P = len(row.prompt)
+            if P % bs:
+                self._start_block(row, st.block_start, row.prompt[st.block_start:])
+            else:
+                self._take_ar_token(row, int(x0[0]))
+            return
+        if req.kind is Kind.COMMIT:
+            self._take_ar_token(row, int(x0[0]))
+            return
+        engine.after_denoise(st, req.kind)
+        n = self.small
+        r = st.sub * n
+        if row.temperature > 0:
+            x0, conf = _sample_top_p(logits, row.temperature, row.top_p, row.generator)
+        conf, x0 = conf.tolist(), x0.tolist()
+        cand = [j for j in range(n) if st.pending[r + j]]
+        chosen = {j for j in cand if conf[j] > self.threshold}
+        chosen.add(max(cand, key=lambda j: (conf[j], -j)))
+        for j in chosen:
+            st.block[r + j] = x0[j]
+            st.pending[r + j] = False
+        if self.early_exit:
+            self._drop_after_stop(row)
+        if st.current_sub() is None:
+            self._finish_block(row)
+
+    def _start_block(self, row: _Row, block_start: int, known: list[int]) -> None:
+        """Open the block at ``block_start`` holding ``known`` tokens followed by masks."""
+        bs, mask = self.bs, self.ids.mask
+        block = known + [mask] * (bs - len(known))
+        pending = [False] * len(known) + [True] * (bs - len(known))
+        if self.early_exit:
+            first_gen = len(row.prompt)
+            pending = [p and (block_start + j - first_gen) < row.budget for j, p in enumerate(pending)]
+        row.state.new_block(block_start, block, pending)
+        row.phase = "denoise"
+
+    def _take_ar_token(self, row: _Row, token: int) -> None:
+        """The next-token prediction of a prefill or commit forward becomes the next block's first token."""
+        st = row.state
+        row.gen.append(token)
+        if self._check_end(row):
+            return
+        start = st.block_start + (self.bs if row.phase == "commit" else 0)
+        self._start_block(row, start, [token])
+
+    def _finish_block(self, row: _Row) -> None:
+        st = row.state
+        recorded = len(row.prompt) + len(row.gen)      # absolute position of the next token to record
+        for j, tok in enumerate(st.block):
+            if st.block_start + j < recorded:
+                continue
+            if tok == self.ids.mask:
+                break
+            row.gen.append(tok)
+        if not self._check_end(row):
+            row.phase = "commit"
+
+    def _drop_after_stop(self, row: _Row) -> None:
+        """early_exit: once a stop token is decoded and every position before it is, nothing after it can
+        change the returned tokens, so it need not be decoded."""
+        st = row.state
+        for j, tok in enumerate(st.block):
+            if st.block_start + j < len(row.prompt):
+                continue
+            if tok == self.ids.mask:
+                return
+            if tok == self.ids.stop:
+                for k in range(j + 1, len(st.pending)):
+                    st.pending[k] = False
+                return
+
+    def _check_end(self, row: _Row) -> bool:
+        gen = row.gen
+        if self.ids.stop in gen:
+            del gen[gen.index(self.ids.stop) + 1:]
+            row.finish_reason = "stop_token"
+        elif self.stop_strings and self._cut_at_stop_string(row):
+            row.finish_reason = "stop_string"
+        elif len(gen) >= row.budget:
+            del gen[row.budget:]
+            row.finish_reason = "length"
+        else:
+            return False
+        if len(gen) > row.budget:
+            del gen[row.budget:]
+            row.finish_reason = "length"
+        row.phase = "done"
+        return True
+
+    def _cut_at_stop_string(self, row: _Row) -> bool:
+        tok = self.rt.require_tokenizer("stop strings")
+        text = tok.decode(row.gen, skip_special_tokens=False)
+        hit = _first_stop(text, self.stop_strings)
+        if hit is None:
+            return False
+        for n in range(1, len(row.gen) + 1):
+            if _first_stop(tok.decode(row.gen[:n], skip_special_tokens=False), self.stop_strings) is not None:
+                del row.gen[n:]
+                break
+        row.stop_cut = hit
+        return True
+
+    def _text(self, row: _Row) -> str:
+        text = self.rt.tokenizer.decode(row.gen, skip_special_tokens=True)
+        hit = _first_stop(text, self.stop_strings) if self.stop_strings else None
+        return text if hit is None else text[:hit]
+
+    def _generator(self, index: int, temperature: float):
+        if temperature <= 0:
+            return None
+        g = torch.Generator(device=self.rt.device)
+        g.manual_seed((self.seed or 0) * 1_000_003 + index)
+        return g
+
+
+def _greedy_choice(logits: torch.Tensor):
+    """Confidence and argmax of every logits row, as the original's temperature-0 path computes them (softmax,
+    then max), moved to the host in one copy."""
+    if logits.numel() == 0:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    probs = torch.softmax(logits, dim=-1)
+    conf, x0 = probs.max(dim=-1)
+    check_finite(torch.isfinite(conf).all(), "sampling")
+    both = torch.stack([conf.double(), x0.double()]).cpu()
+    return both[0], both[1].long()
+
+
+def _sample_top_p(logits, temperature, top_p, generator):
+    """Temperature + nucleus sampling for one row's positions (spec §3.3 without the row-0 defect)."""
+    probs = torch.softmax(logits / temperature, dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    remove = sorted_p.cumsum(-1) > top_p
+    remove[..., 1:] = remove[..., :-1].clone()
+    remove[..., 0] = False
+    probs = probs.masked_fill(torch.zeros_like(remove).scatter(-1, order, remove), 0.0)
+    probs = probs / probs.sum(-1, keepdim=True)
+    x = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    conf = probs.gather(-1, x[:, None]).squeeze(-1)
+    return x.cpu(), conf.cpu()
+
+
+def _first_stop(text: str, stops: list[str]):
+    hits = [text.find(s) for s in stops if s in text]
+    return min(hits) if hits else None
+
+
+def _per_row(value, n, name):
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} values for {n} prompts; give one per prompt or a scalar")
+        return [float(v) for v in value]
+    return [float(value)] * n
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m

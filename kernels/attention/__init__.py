@@ -1,0 +1,1 @@
+"""attention: `kernel.py` (Triton) and `reference.py` (PyTorch)."""

@@ -1,0 +1,1 @@
+"""rms_norm: `kernel.py` (Triton) and `reference.py` (PyTorch)."""

@@ -1,0 +1,1 @@
+"""rope: `kernel.py` (Triton) and `reference.py` (PyTorch)."""

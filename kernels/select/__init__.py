@@ -1,0 +1,1 @@
+"""select: `kernel.py` (Triton) and `reference.py` (PyTorch)."""

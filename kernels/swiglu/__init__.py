@@ -1,0 +1,1 @@
+"""swiglu: `kernel.py` (Triton) and `reference.py` (PyTorch)."""

@@ -1,0 +1,36 @@
+"""fastdllm: inference runtime and experiment framework for Fast-dLLM v2 block-diffusion models.
+
+The repository folder ``kernels/`` is installed under the import name ``fastdllm_kernels``: Hugging Face
+publishes a distribution called ``kernels`` that transformers imports whenever it finds one, so a top-level
+``kernels`` package of ours would be mistaken for it (tests/test_packaging.py proves it is not).
+"""
+from setuptools import setup
+
+KERNEL_PACKAGES = ["fastdllm_kernels", "fastdllm_kernels.attention", "fastdllm_kernels.rms_norm",
+                   "fastdllm_kernels.rope", "fastdllm_kernels.swiglu", "fastdllm_kernels.select"]
+
+setup(
+    name="fastdllm",
+    version="0.1.0",
+    description="Fast-dLLM v2 block-diffusion runtime, Triton kernels and lm-eval bridge",
+    python_requires=">=3.10",
+    packages=["fastdllm_rt", "evalbridge", "evalbridge.tasks"] + KERNEL_PACKAGES,
+    package_dir={"fastdllm_kernels": "kernels",
+                 **{p: "kernels/" + p.split(".", 1)[1] for p in KERNEL_PACKAGES[1:]}},
+    package_data={"evalbridge.tasks": ["*.yaml", "*.jsonl", "*.py"], "fastdllm_rt": ["small_model/*"]},
+    include_package_data=True,
+    install_requires=[
+        # The CPU wheel used in CI is 2.13.0; the GPU machines carry 2.11 with Triton 3.6.
+        "torch>=2.4,<2.15",
+        "triton>=3.1,<4",
+        "safetensors>=0.4",
+        "huggingface_hub>=0.24",
+        "tokenizers>=0.19",
+        "numpy",
+    ],
+    extras_require={
+        "eval": ["lm_eval>=0.4.8,<0.5", "transformers>=4.45", "matplotlib"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "transformers>=4.45"],
+    },
+    entry_points={"console_scripts": ["fastdllm-eval=evalbridge.__main__:main"]},
+)
