@@ -18,14 +18,18 @@ from .stats import CallStats, ForwardTimer
 class BlockState:
     """One sequence's progress inside its current block.
 
-    ``block``: the block's tokens (mask where undecoded); ``pending``: positions that still have to be
-    decoded (a subset of the masked ones); ``sub``: current sub-block; ``step``: denoising forwards taken in
-    this block (contract §1: numbered from 0); ``block_cache_valid``: a FULL forward built this block's cache."""
-    __slots__ = ("slot", "block_start", "block", "pending", "sub", "step", "block_cache_valid", "sub_size")
+    ``block``: the block's tokens (mask where undecoded); ``pending``: masked positions that take part in
+    decoding (they compete for unmasking); ``needed``: block offsets below it must be decoded before the block
+    is done (an early exit may lower it; it never changes which positions compete, so tokens stay the same);
+    ``sub``: current sub-block; ``step``: denoising forwards taken in this block (contract §1: numbered from
+    0); ``block_cache_valid``: a FULL forward built this block's cache."""
+    __slots__ = ("slot", "block_start", "block", "pending", "sub", "step", "block_cache_valid", "sub_size",
+                 "needed")
 
     def __init__(self, slot: int, block_start: int, block: list[int], pending: list[bool], sub_size: int = 8):
         self.slot = slot
         self.sub_size = sub_size
+        self.needed = len(block)
         self.block_start = block_start
         self.block = block
         self.pending = pending
@@ -43,8 +47,12 @@ class BlockState:
             self.sub += 1
         return None
 
+    def is_done(self) -> bool:
+        return not any(self.pending[:self.needed])
+
     def new_block(self, block_start: int, block: list[int], pending: list[bool]) -> None:
         self.block_start, self.block, self.pending = block_start, block, pending
+        self.needed = len(block)
         self.sub = self.step = 0
         self.block_cache_valid = False
 

@@ -1,19 +1,57 @@
 """The operations the transformer calls, per backend.
 
-``torch`` runs the PyTorch references that live beside the kernels (``fastdllm_kernels.<op>.reference``) and
-works on any device; ``triton`` runs the Triton kernels on CUDA. Both expose the same methods, so a failure
-tells at once whether the runtime or a kernel is wrong.
+``torch`` runs on any device: norms, RoPE and SwiGLU are the PyTorch references that live beside the kernels
+(``fastdllm_kernels.<op>.reference``); attention is ``scaled_dot_product_attention`` over padded rows, with the
+padding and visibility built once per forward and shared by all layers (tests compare it with
+``fastdllm_kernels.attention.reference``). ``triton`` runs the Triton kernels on CUDA. Both expose the same
+methods, so a failure tells at once whether the runtime or a kernel is wrong.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from fastdllm_kernels.attention.reference import extend_attention_ref, sub_attention_ref
 from fastdllm_kernels.rms_norm.reference import add_rms_norm_ref, rms_norm_ref
 from fastdllm_kernels.rope.reference import rope_ref
 from fastdllm_kernels.swiglu.reference import swiglu_ref
 
 BACKENDS = ("torch", "triton")
+
+
+class _ExtendPlan:
+    """Layer-independent layout of one extend group: padded row indices and the key visibility mask."""
+
+    def __init__(self, group, block_size, device):
+        lens = group.lens
+        R, n_max = len(lens), max(lens)
+        self.uniform = len(set(lens)) == 1
+        self.n_max = n_max
+        self.s_max = int(group.starts.max()) if R else 0
+        ar_n = torch.arange(n_max, device=device)
+        cu = group.cu
+        self.pad_idx = torch.minimum(cu[:-1, None] + ar_n[None, :], (cu[1:] - 1)[:, None])
+        lens_t = torch.tensor(lens, device=device)
+        self.valid = (ar_n[None, :] < lens_t[:, None]).reshape(-1)
+        ar_s = torch.arange(self.s_max, device=device)
+        starts = group.starts
+        q_pos = starts[:, None] + ar_n[None, :]
+        k_pos = torch.cat([ar_s[None, :].expand(R, -1), q_pos], dim=1)
+        k_valid = torch.cat([ar_s[None, :] < starts[:, None], ar_n[None, :] < lens_t[:, None]], dim=1)
+        allowed = k_valid[:, None, :] & (q_pos[:, :, None] // block_size >= k_pos[:, None, :] // block_size)
+        # padded query rows see their own key so softmax stays finite; their outputs are dropped
+        allowed |= ~(ar_n[None, :] < lens_t[:, None])[:, :, None] & (torch.arange(allowed.shape[-1], device=device)
+                                                                     == self.s_max)[None, None, :]
+        self.mask = None if bool(allowed.all()) else allowed[:, None]
+
+
+class _SubPlan:
+    def __init__(self, group, block_size, device):
+        R = group.num_rows
+        self.n = group.lens[0]
+        self.p_max = int(group.starts.max()) if R else 0
+        k_valid = torch.cat([torch.arange(self.p_max, device=device)[None, :] < group.starts[:, None],
+                             torch.ones(R, block_size, dtype=torch.bool, device=device)], dim=1)
+        self.mask = None if bool(k_valid.all()) else k_valid[:, None, None, :]
 
 
 class TorchOps:
@@ -36,13 +74,37 @@ class TorchOps:
         cache_k[slots, :, index] = k.to(cache_k.dtype)
         cache_v[slots, :, index] = v.to(cache_v.dtype)
 
+    @staticmethod
+    def _plan(group, kind, block_size, device):
+        plan = getattr(group, "_torch_plan", None)
+        if plan is None:
+            plan = (_ExtendPlan if kind == "extend" else _SubPlan)(group, block_size, device)
+            group._torch_plan = plan
+        return plan
+
     def extend_attention(self, q, k, v, prefix_k, prefix_v, group, block_size, scale):
-        return extend_attention_ref(q, k, v, prefix_k, prefix_v, group.slots, group.starts, group.cu, group.lens,
-                                    block_size, scale)
+        plan = self._plan(group, "extend", block_size, q.device)
+        R = group.num_rows
+        if plan.uniform:
+            qp, kp, vp = (t.reshape(R, plan.n_max, *t.shape[1:]) for t in (q, k, v))
+        else:
+            qp, kp, vp = q[plan.pad_idx], k[plan.pad_idx], v[plan.pad_idx]
+        if plan.s_max:
+            kp = torch.cat([prefix_k[group.slots, :, :plan.s_max].transpose(1, 2).to(q.dtype), kp], dim=1)
+            vp = torch.cat([prefix_v[group.slots, :, :plan.s_max].transpose(1, 2).to(q.dtype), vp], dim=1)
+        out = F.scaled_dot_product_attention(qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2),
+                                             attn_mask=plan.mask, scale=scale, enable_gqa=True).transpose(1, 2)
+        out = out.reshape(R * plan.n_max, *q.shape[1:])
+        return out if plan.uniform else out[plan.valid]
 
     def sub_attention(self, q, prefix_k, prefix_v, block_k, block_v, group, scale):
-        n = group.lens[0]
-        return sub_attention_ref(q, prefix_k, prefix_v, block_k, block_v, group.slots, group.starts, n, scale)
+        plan = self._plan(group, "sub", block_k.shape[2], q.device)
+        R = group.num_rows
+        keys = torch.cat([prefix_k[group.slots, :, :plan.p_max], block_k[group.slots]], dim=2).to(q.dtype)
+        vals = torch.cat([prefix_v[group.slots, :, :plan.p_max], block_v[group.slots]], dim=2).to(q.dtype)
+        qp = q.reshape(R, plan.n, *q.shape[1:]).transpose(1, 2)
+        out = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=plan.mask, scale=scale, enable_gqa=True)
+        return out.transpose(1, 2).reshape(q.shape)
 
 
 def make_ops(backend: str, device: torch.device):

@@ -93,12 +93,14 @@ class Runtime:
     @torch.inference_mode()
     def generate(self, prompts, *, max_new_tokens, threshold=0.9, block_size=32, small_block_size=8,
                  use_block_cache=True, temperature=0.0, top_p=1.0, reuse=None, stop_strings=None,
-                 early_exit=False, seed=0, batch_size=None) -> GenerationResult:
+                 early_exit=False, seed=0, batch_size=None, trace=None) -> GenerationResult:
         """Block-diffusion generation for token-id prompts. See ``sampler.py`` for the algorithm.
 
         ``early_exit``: leave a block as soon as every token that will be returned is decoded (same tokens,
         fewer forwards); off by default to keep the original's forward accounting. ``batch_size``: rows in
-        flight at once (default all); finished rows hand their slot to waiting prompts."""
+        flight at once (default all); finished rows hand their slot to waiting prompts. ``trace``: called as
+        ``trace(row, kind, block_start, sub_block, step, logits)`` after every denoising forward (analysis and
+        tests; logits are the sub-block's shifted fp32 logits)."""
         prompts = [list(p) for p in prompts]
         if not prompts:
             return GenerationResult([], [], [], CallStats(num_layers=self.config.num_hidden_layers))
@@ -119,7 +121,7 @@ class Runtime:
         sampler = Sampler(self, max_new_tokens=max_new_tokens, threshold=float(threshold), block_size=block_size,
                           small_block_size=small_block_size, use_block_cache=use_block_cache,
                           temperature=temperature, top_p=top_p, reuse=policy, stop_strings=stop_strings,
-                          early_exit=early_exit, seed=seed, batch_size=batch_size)
+                          early_exit=early_exit, seed=seed, batch_size=batch_size, trace=trace)
         return sampler.run(prompts)
 
     # ---- scoring -----------------------------------------------------------------------------------------

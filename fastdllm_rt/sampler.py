@@ -47,7 +47,7 @@ class _Row:
 
 class Sampler:
     def __init__(self, runtime, *, max_new_tokens, threshold, block_size, small_block_size, use_block_cache,
-                 temperature, top_p, reuse, stop_strings, early_exit, seed, batch_size):
+                 temperature, top_p, reuse, stop_strings, early_exit, seed, batch_size, trace=None):
         self.rt = runtime
         self.cfg = runtime.config
         self.ids = runtime.token_ids
@@ -62,6 +62,7 @@ class Sampler:
         self.batch_size = batch_size
         self.bs = block_size
         self.small = small_block_size
+        self.trace = trace
 
     # ---- main loop ---------------------------------------------------------------------------------------
     def run(self, prompts: list[list[int]]) -> GenerationResult:
@@ -132,6 +133,8 @@ class Sampler:
         if req.kind is Kind.COMMIT:
             self._take_ar_token(row, int(x0[0]))
             return
+        if self.trace is not None:
+            self.trace(row.index, req.kind.label, st.block_start, st.sub, st.step, logits)
         engine.after_denoise(st, req.kind)
         n = self.small
         r = st.sub * n
@@ -145,8 +148,8 @@ class Sampler:
             st.block[r + j] = x0[j]
             st.pending[r + j] = False
         if self.early_exit:
-            self._drop_after_stop(row)
-        if st.current_sub() is None:
+            self._lower_needed(row)
+        if st.is_done():
             self._finish_block(row)
 
     def _start_block(self, row: _Row, block_start: int, known: list[int]) -> None:
@@ -154,10 +157,9 @@ class Sampler:
         bs, mask = self.bs, self.ids.mask
         block = known + [mask] * (bs - len(known))
         pending = [False] * len(known) + [True] * (bs - len(known))
-        if self.early_exit:
-            first_gen = len(row.prompt)
-            pending = [p and (block_start + j - first_gen) < row.budget for j, p in enumerate(pending)]
         row.state.new_block(block_start, block, pending)
+        if self.early_exit:
+            self._lower_needed(row)
         row.phase = "denoise"
 
     def _take_ar_token(self, row: _Row, token: int) -> None:
@@ -181,18 +183,19 @@ class Sampler:
         if not self._check_end(row):
             row.phase = "commit"
 
-    def _drop_after_stop(self, row: _Row) -> None:
-        """early_exit: once a stop token is decoded and every position before it is, nothing after it can
-        change the returned tokens, so it need not be decoded."""
+    def _lower_needed(self, row: _Row) -> None:
+        """early_exit: positions past the token budget, or after a decoded stop token preceded only by decoded
+        tokens, cannot change the returned tokens, so the block may end without decoding them."""
         st = row.state
-        for j, tok in enumerate(st.block):
-            if st.block_start + j < len(row.prompt):
+        first_gen = len(row.prompt)
+        st.needed = min(st.needed, max(0, first_gen + row.budget - st.block_start))
+        for j, tok in enumerate(st.block[:st.needed]):
+            if st.block_start + j < first_gen:
                 continue
             if tok == self.ids.mask:
                 return
             if tok == self.ids.stop:
-                for k in range(j + 1, len(st.pending)):
-                    st.pending[k] = False
+                st.needed = j + 1
                 return
 
     def _check_end(self, row: _Row) -> bool:

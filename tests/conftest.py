@@ -1,0 +1,36 @@
+import os
+
+import pytest
+import torch
+
+from tests.helpers.checkpoints import make_checkpoint
+
+ORACLE_DIR = os.environ.get("FASTDLLM_ORACLE_DIR",
+                            os.path.join(os.path.dirname(__file__), "..", "..", "shared", "oracle"))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                   reason="needs a CUDA GPU (runs in the device session, bench/gpu_checks.sh)")
+
+
+@pytest.fixture(scope="session")
+def tiny_untied(tmp_path_factory):
+    return make_checkpoint(str(tmp_path_factory.mktemp("tiny_untied")), seed=1, tied=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_tied(tmp_path_factory):
+    return make_checkpoint(str(tmp_path_factory.mktemp("tiny_tied")), seed=2, tied=True)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny28(tmp_path_factory):
+    """28 layers (so the named reuse subsets are the released ones), narrow enough to run fast on CPU."""
+    return make_checkpoint(str(tmp_path_factory.mktemp("tiny28")), seed=5, hidden=32, heads=4, kv_heads=2,
+                           inter=64)
