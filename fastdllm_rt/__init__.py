@@ -8,13 +8,13 @@
 from .config import ModelConfig, TokenIds
 from .errors import (CheckpointError, ConfigError, FastDLLMError, HubError, InputError, NumericsError,
                      PolicyError)
-from .loader import build_model, load
+from .loader import build_model, from_state_dict, load
 from .reuse import ReusePolicy
 from .runtime import Runtime
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "build_model", "Runtime", "ReusePolicy", "ModelConfig", "TokenIds", "FastDLLMError",
+__all__ = ["load", "from_state_dict", "build_model", "Runtime", "ReusePolicy", "ModelConfig", "TokenIds", "FastDLLMError",
            "ConfigError", "CheckpointError", "HubError", "InputError", "PolicyError", "NumericsError",
            "small_model_path", "__version__"]
 

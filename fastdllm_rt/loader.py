@@ -11,7 +11,7 @@ from .hub import resolve_checkpoint
 from .model import FastDLLM
 from .ops import BACKENDS, make_ops
 from .tokenizer import load_tokenizer
-from .weights import load_into
+from .weights import load_into, load_state_dict_into
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
            "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
@@ -74,3 +74,21 @@ def load(model, *, dtype=None, device=None, backend=None, mask_token_id=None, st
     net.eval()
     net.requires_grad_(False)
     return Runtime(net, tokenizer=tokenizer, token_ids=token_ids, folder=os.path.abspath(folder), backend=backend)
+
+
+def from_state_dict(config, state_dict, *, tokenizer=None, dtype=None, device=None, backend=None,
+                    mask_token_id=None, stop_token_id=None, pad_token_id=None):
+    """A ``Runtime`` from an in-memory state dict with the checkpoint's HF names (benchmarks, training)."""
+    from .runtime import Runtime
+
+    if isinstance(config, dict):
+        config = ModelConfig.from_dict(config)
+    token_ids = resolve_token_ids(config, tokenizer, mask=mask_token_id, stop=stop_token_id, pad=pad_token_id)
+    device = pick_device(device)
+    dtype = pick_dtype(dtype, device)
+    backend = pick_backend(backend, device)
+    net = build_model(config, backend, device)
+    load_state_dict_into(net, state_dict, dtype, device)
+    net.eval()
+    net.requires_grad_(False)
+    return Runtime(net, tokenizer=tokenizer, token_ids=token_ids, folder="(state dict)", backend=backend)

@@ -1,0 +1,151 @@
+"""Shared pieces of the GPU benchmarks: records, timers, ceilings, random weights at the released shapes and
+the Hugging Face baseline (transformers Qwen2 modules with a block-causal mask, eager attention).
+
+Every measurement is one JSON line (``record``) carrying the GPU, versions and commit, as STYLE.md asks."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tests.helpers.checkpoints import RELEASED_1_5B_FIELDS, RELEASED_7B_FIELDS  # noqa: E402
+
+SHAPES = {"7B": RELEASED_7B_FIELDS, "1.5B": RELEASED_1_5B_FIELDS,
+          # for smoke-testing the scripts on a CPU
+          "tiny": dict(RELEASED_1_5B_FIELDS, hidden_size=256, intermediate_size=512, num_attention_heads=2,
+                       num_key_value_heads=1, vocab_size=151936, num_hidden_layers=28)}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+RESULTS = os.environ.get("FASTDLLM_BENCH_OUT", os.path.join(os.path.dirname(__file__), "results"))
+
+
+def env_info() -> dict:
+    import triton
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(__file__)).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, "triton": triton.__version__, "commit": commit}
+
+
+_ENV = None
+
+
+def record(file: str, **row) -> dict:
+    """Append one measurement to ``RESULTS/<file>.jsonl`` and return it."""
+    global _ENV
+    if _ENV is None:
+        _ENV = env_info()
+    row = {**row, **_ENV, "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, file + ".jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
+
+
+def cuda_time(fn, warmup: int = 5, iters: int = 30) -> dict:
+    """Median / p20 / p80 of ``fn`` in milliseconds, timed with CUDA events (host clock on CPU), after
+    warm-up."""
+    import time
+
+    for _ in range(warmup):
+        fn()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        if DEVICE == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
+    return {"p50_ms": q(0.5), "p20_ms": q(0.2), "p80_ms": q(0.8)}
+
+
+def copy_bandwidth_gbs(nbytes: int = 4 << 30) -> float:
+    """Device-to-device copy rate counting bytes read + written (METHOD.md's ceiling)."""
+    if DEVICE != "cuda":
+        nbytes = 1 << 26
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=DEVICE).normal_()
+    dst = torch.empty_like(src)
+    t = cuda_time(lambda: dst.copy_(src), warmup=3, iters=10)["p50_ms"]
+    return 2 * nbytes / (t / 1e3) / 1e9
+
+
+def matmul_tflops(n: int = 8192) -> float:
+    a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
+    t = cuda_time(lambda: a @ b, warmup=3, iters=10)["p50_ms"]
+    return 2 * n ** 3 / (t / 1e3) / 1e12
+
+
+def random_state_dict(fields: dict, device=DEVICE, dtype=torch.bfloat16, seed: int = 0) -> dict:
+    """Random weights with the released tensor names and shapes (HF-style init: std 0.02, unit norms)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    d, f, V = fields["hidden_size"], fields["intermediate_size"], fields["vocab_size"]
+    hd = d // fields["num_attention_heads"]
+    q, kv = fields["num_attention_heads"] * hd, fields["num_key_value_heads"] * hd
+
+    def rnd(*shape, std=0.02):
+        return (torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * std).to(dtype)
+
+    sd = {"model.embed_tokens.weight": rnd(V, d), "model.norm.weight": torch.ones(d, device=device, dtype=dtype)}
+    for i in range(fields["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        sd.update({p + "input_layernorm.weight": torch.ones(d, device=device, dtype=dtype),
+                   p + "post_attention_layernorm.weight": torch.ones(d, device=device, dtype=dtype),
+                   p + "self_attn.q_proj.weight": rnd(q, d), p + "self_attn.q_proj.bias": rnd(q),
+                   p + "self_attn.k_proj.weight": rnd(kv, d), p + "self_attn.k_proj.bias": rnd(kv),
+                   p + "self_attn.v_proj.weight": rnd(kv, d), p + "self_attn.v_proj.bias": rnd(kv),
+                   p + "self_attn.o_proj.weight": rnd(d, q), p + "mlp.gate_proj.weight": rnd(f, d),
+                   p + "mlp.up_proj.weight": rnd(f, d), p + "mlp.down_proj.weight": rnd(d, f)})
+    if not fields["tie_word_embeddings"]:
+        sd["lm_head.weight"] = rnd(V, d)
+    return sd
+
+
+def weight_bytes(sd: dict, include_embedding: bool = True) -> int:
+    return sum(t.numel() * t.element_size() for k, t in sd.items()
+               if include_embedding or k != "model.embed_tokens.weight")
+
+
+def hf_model(fields: dict, sd: dict):
+    """transformers' Qwen2ForCausalLM sharing ``sd``'s storage, eager attention (the original's path)."""
+    import transformers
+
+    raw = {k: v for k, v in fields.items() if k not in ("auto_map", "architectures", "model_type", "bd_size",
+                                                      "conplemenrary_mask", "torch_dtype")}
+    cfg = transformers.Qwen2Config(**raw)
+    cfg._attn_implementation = "eager"
+    with torch.device("meta"):
+        model = transformers.Qwen2ForCausalLM(cfg)
+    model.load_state_dict(sd, strict=False, assign=True)
+    if fields["tie_word_embeddings"]:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    # non-persistent buffers (RoPE inverse frequencies) were built on meta: rebuild the module on the GPU
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg).to(DEVICE)
+    return model.eval().requires_grad_(False)
+
+
+def block_causal_additive(q_len: int, kv_len: int, block: int = 32, dtype=torch.bfloat16, device=DEVICE):
+    """The original's eval mask over absolute positions, in the additive form eager attention adds."""
+    qpos = torch.arange(kv_len - q_len, kv_len, device=device)
+    kpos = torch.arange(kv_len, device=device)
+    allowed = (qpos[:, None] // block) >= (kpos[None, :] // block)
+    return torch.zeros(q_len, kv_len, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]

@@ -1,0 +1,122 @@
+"""Decode-step benchmark at the released shapes (batch 1, random bf16 weights, prefix 2048 by default).
+
+Steps: ``full`` (32 queries, the block cache rebuilt), ``sub`` (8 queries against prefix + block cache),
+``commit`` (32 tokens appended to the prefix cache), ``sub_skip12`` (a sub-block step with 12 of 28 layers
+skipped by a reuse policy). Providers: ``hf`` (transformers Qwen2, eager, block-causal mask, DynamicCache: the
+original's path), ``torch`` (our runtime, PyTorch backend, eager), ``triton`` (our runtime, Triton kernels and
+CUDA graphs). The floor is the weight bytes a step must read over the measured copy bandwidth.
+
+    python bench/steps.py --shapes 7B,1.5B --providers hf,torch,triton
+"""
+import argparse
+import gc
+
+import torch
+
+from common import DEVICE, SHAPES, copy_bandwidth_gbs, env_info, cuda_time, hf_model, random_state_dict, record, weight_bytes
+
+import fastdllm_rt
+from fastdllm_rt import ReusePolicy
+from fastdllm_rt.batch import Kind, RowRequest, build_batch
+
+IDS = dict(mask_token_id=151665, stop_token_id=151645, pad_token_id=151643)
+
+
+def hf_steps(fields, sd, prefix):
+    from transformers import DynamicCache
+
+    from common import DEVICE, block_causal_additive
+
+    model = hf_model(fields, sd)
+    ids = torch.randint(0, 150000, (1, prefix + 32), device=DEVICE)
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=ids[:, :prefix], past_key_values=cache, use_cache=True,
+              attention_mask=block_causal_additive(prefix, prefix))
+    pos = torch.arange(prefix, prefix + 32, device=DEVICE)[None]
+    mask32 = block_causal_additive(32, prefix + 32)
+    mask8 = torch.zeros(1, 1, 8, prefix + 8, dtype=torch.bfloat16, device=DEVICE)
+    saved = [(layer.keys, layer.values) for layer in cache.layers]
+
+    def run(n, mask):
+        with torch.no_grad():
+            model(input_ids=ids[:, prefix:prefix + n], past_key_values=cache, use_cache=True,
+                  position_ids=pos[:, :n], attention_mask=mask)
+        for layer, (k, v) in zip(cache.layers, saved):     # back to the prefix (the update concatenated)
+            layer.keys, layer.values = k, v
+
+    return {"full": lambda: run(32, mask32), "sub": lambda: run(8, mask8), "commit": lambda: run(32, mask32)}, model
+
+
+def ours_steps(rt, prefix, policy_layers=12):
+    """Closures for each step kind through the runtime's unified forward (graph-captured on triton)."""
+    runner = rt.step_runner(batch=1, max_len=prefix + 64, reuse=ReusePolicy("last", k=2, subset_size=policy_layers)) \
+        if hasattr(rt, "step_runner") and rt.backend == "triton" else None
+    if runner is not None:
+        return runner.bench_closures(prefix)
+    caches = rt.new_caches(1, prefix + 64, ReusePolicy("last", k=2, subset_size=policy_layers))
+    reuse = rt.reuse_runtime(ReusePolicy("last", k=2, subset_size=policy_layers), caches)
+    slot = caches.alloc()
+    ids = torch.randint(0, 150000, (prefix + 32,))
+    rt.model(build_batch([RowRequest(Kind.PREFILL, slot, 0, ids[:prefix])], rt.device, 32), caches)
+    block = ids[prefix:]
+
+    def fwd(kind, start, toks, skip=False):
+        req = RowRequest(kind, slot, start, toks, logits_at=list(range(8)), skip=skip)
+        rt.model(build_batch([req], rt.device, 32), caches, reuse)
+
+    fwd(Kind.FULL, prefix, block)
+    return {"full": lambda: fwd(Kind.FULL, prefix, block),
+            "sub": lambda: fwd(Kind.SUB, prefix + 8, block[8:16]),
+            "sub_skip12": lambda: fwd(Kind.SUB, prefix + 8, block[8:16], skip=True),
+            # commit at a fixed position: it rewrites the same prefix slots each time
+            "commit": lambda: fwd(Kind.COMMIT, prefix, block)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="7B,1.5B")
+    ap.add_argument("--providers", default="hf,torch,triton")
+    ap.add_argument("--prefix", type=int, default=2048)
+    ap.add_argument("--iters", type=int, default=30)
+    args = ap.parse_args()
+    command = "python bench/steps.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items())
+    bw = copy_bandwidth_gbs()
+    record("ceilings", metric="copy_bandwidth_GBps", value=bw, command=command)
+    table = []
+    for shape in args.shapes.split(","):
+        fields = SHAPES[shape]
+        sd = random_state_dict(fields)
+        step_bytes = weight_bytes(sd, include_embedding=False)
+        floor_ms = step_bytes / (bw * 1e9) * 1e3
+        all_ms = weight_bytes(sd) / (bw * 1e9) * 1e3
+        record("steps", shape=shape, provider="floor", step="weights_once", p50_ms=floor_ms, p20_ms=floor_ms,
+               p80_ms=floor_ms, weight_bytes=step_bytes, all_weights_ms=all_ms, command=command)
+        table.append((shape, "floor", "weights", floor_ms, 1.0))
+        for provider in args.providers.split(","):
+            if provider == "hf":
+                steps, keep = hf_steps(fields, sd, args.prefix)
+            else:
+                keep = fastdllm_rt.from_state_dict(fields, sd, dtype="bf16", backend=provider, **IDS)
+                steps = ours_steps(keep, args.prefix)
+            for name, fn in steps.items():
+                with torch.inference_mode():
+                    t = cuda_time(fn, warmup=5, iters=args.iters)
+                row = record("steps", shape=shape, provider=provider, step=name, prefix=args.prefix, batch=1,
+                             dtype="bf16", **t, floor_ms=floor_ms, ratio_to_floor=t["p50_ms"] / floor_ms,
+                             achieved_GBps=step_bytes / (t["p50_ms"] / 1e3) / 1e9, command=command)
+                table.append((shape, provider, name, t["p50_ms"], row["ratio_to_floor"]))
+            del steps, keep
+            gc.collect()
+            torch.cuda.empty_cache()
+        del sd
+        gc.collect()
+        torch.cuda.empty_cache()
+    print(f"copy bandwidth {bw:.0f} GB/s on {env_info()['gpu']}")
+    print(f"{'shape':6} {'provider':8} {'step':11} {'p50 ms':>8} {'x floor':>8}")
+    for shape, prov, name, ms, ratio in table:
+        print(f"{shape:6} {prov:8} {name:11} {ms:8.3f} {ratio:8.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""Train a small Fast-dLLM-v2-style model on the synthetic task family, on CPU (tests) or one GPU.
+
+    python -m fastdllm_rt.train --out runs/small --device cuda --minutes 8
+
+writes a checkpoint in the released layout (config.json, model.safetensors in bf16, tokenizer files) plus
+``training.json`` (command, loss curve, held-out accuracy), loadable with ``fastdllm_rt.load``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..config import ModelConfig
+from ..model import FastDLLM
+from ..ops import TorchOps
+from ..tokenizer import Tokenizer
+from ..weights import save_checkpoint
+from .objective import diffusion_loss
+from .synthetic import split, training_stream
+from .tokenizer import build_tokenizer
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    layers: int = 28
+    hidden: int = 128
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 512
+    vocab: int = 512
+    steps: int = 20000
+    minutes: float = 0.0             # wall-clock budget (schedule fitted to it); 0 = run all steps
+    batch_size: int = 128
+    lr: float = 1.5e-3
+    warmup: int = 200
+    weight_decay: float = 0.1
+    seed: int = 0
+    pool: int = 200_000              # pre-tokenised training examples
+    eval_examples: int = 200
+    log_every: int = 100
+
+
+def _init_(model: FastDLLM, layers: int) -> None:
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or "layernorm" in name:
+            torch.nn.init.ones_(p)
+        elif name.endswith("bias"):
+            torch.nn.init.zeros_(p)
+        else:
+            std = 0.02 / math.sqrt(2 * layers) if ("o_proj" in name or "down_proj" in name) else 0.02
+            torch.nn.init.normal_(p, std=std)
+
+
+def build(cfg: TrainConfig, tok: Tokenizer) -> FastDLLM:
+    mc = ModelConfig(vocab_size=cfg.vocab, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
+                     num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
+                     head_dim=cfg.hidden // cfg.heads, rope_theta=10000.0, max_position_embeddings=4096,
+                     tie_word_embeddings=True, bd_size=32, eos_token_id=tok.eos_token_id,
+                     pad_token_id=tok.pad_token_id, bos_token_id=tok.pad_token_id)
+    torch.manual_seed(cfg.seed)
+    model = FastDLLM(mc, TorchOps())
+    _init_(model, cfg.layers)
+    return model
+
+
+class Batches:
+    """Pre-tokenised training sequences: prompt + response + stop, padded to a multiple of 32 with the pad
+    token, which is part of the response (the paper's "+pad" variant: the model learns to fill a block after
+    its stop token)."""
+
+    def __init__(self, tok: Tokenizer, cfg: TrainConfig):
+        stream = training_stream(cfg.seed)
+        examples = [next(stream) for _ in range(cfg.pool)]
+        prompts = tok.encode_batch([e["prompt"] for e in examples])
+        responses = tok.encode_batch([e["response"] for e in examples])
+        stop, self.pad = tok.eos_token_id, tok.pad_token_id
+        self.items = []
+        for p, r in zip(prompts, responses):
+            p = p or [stop]                       # prose documents are conditioned on the stop token
+            self.items.append((p, r + [stop]))
+        self.rng = random.Random(cfg.seed)
+        self.batch_size = cfg.batch_size
+
+    def sample(self, device):
+        chosen = self.rng.sample(self.items, self.batch_size)
+        L = max(len(p) + len(r) for p, r in chosen)
+        L = (L + 31) // 32 * 32
+        x = torch.full((len(chosen), L), self.pad, dtype=torch.long)
+        resp = torch.zeros(len(chosen), L, dtype=torch.bool)
+        for i, (p, r) in enumerate(chosen):
+            x[i, :len(p)] = torch.tensor(p)
+            x[i, len(p):len(p) + len(r)] = torch.tensor(r)
+            resp[i, len(p):] = True
+        return x.to(device), resp.to(device)
+
+
+def evaluate(model: FastDLLM, tok: Tokenizer, n: int, seed: int = 1) -> dict:
+    """Held-out accuracy of the model as it stands (greedy, threshold 0.9, block cache on)."""
+    from ..config import resolve_token_ids
+    from ..runtime import Runtime
+
+    model.eval()
+    rt = Runtime(model, tokenizer=tok, token_ids=resolve_token_ids(model.config, tok), folder="(training)",
+                 backend="torch")
+    arith = split("arith", seed, n, held_out=True)
+    out = rt.generate([tok.encode(e["prompt"]) for e in arith], max_new_tokens=48, threshold=0.9,
+                      stop_strings=["\n\n", "Question:"])
+    correct = sum(text.strip().split("####")[-1].strip() == e["target"] for text, e in zip(out.texts, arith))
+    mc = split("mc_letter", seed, n, held_out=True)
+    letters = [tok.encode(" " + c)[0] for c in "ABCD"]
+    res = rt.score([(tok.encode(e["prompt"]), [letters[k]]) for e in mc for k in range(4)])
+    ll = res.loglikelihoods
+    mc_correct = sum(max(range(4), key=lambda k: ll[4 * i + k]) == e["gold"] for i, e in enumerate(mc))
+    model.train()
+    return {"arith_exact_match": correct / n, "mc_letter_acc": mc_correct / n, "examples": n,
+            "arith_tokens_per_forward": out.stats.tokens_generated / max(out.stats.total_row_forwards, 1)}
+
+
+def train(cfg: TrainConfig, argv=None) -> dict:
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    os.makedirs(cfg.out, exist_ok=True)
+    build_tokenizer(cfg.out, vocab_size=cfg.vocab, seed=cfg.seed)
+    tok = Tokenizer(cfg.out)
+    model = build(cfg, tok).to(device)
+    mask_id = tok.token_to_id("|<MASK>|")
+    data = Batches(tok, cfg)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
+                            fused=device.type == "cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    curve, step, t_train = [], 0, time.time()
+    total = cfg.steps
+    model.train()
+    while step < total:
+        if cfg.minutes and step == 30:
+            # fit the schedule to the wall-clock budget: the cosine decay must end when time does
+            per_step = (time.time() - t_train) / step
+            left = cfg.minutes * 60 - (time.time() - t0) - 60     # a minute kept for evaluation and export
+            total = max(step + 1, min(cfg.steps, step + int(left / per_step)))
+            print(f"{per_step * 1e3:.1f} ms/step: {total} steps fit in {cfg.minutes} minutes", flush=True)
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / total)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x0, resp = data.sample(device)
+        with autocast:
+            loss = diffusion_loss(model, x0, resp, mask_id, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % cfg.log_every == 0 or step == 1:
+            value = float(loss.detach())
+            curve.append((step, value))
+            print(f"step {step:5d}  loss {value:.4f}  lr {lr:.2e}  {time.time() - t_train:6.1f}s", flush=True)
+    train_seconds = time.time() - t_train
+    with torch.no_grad():
+        metrics = evaluate(model, tok, cfg.eval_examples) if cfg.eval_examples else {}
+    save_checkpoint(model, cfg.out, dtype=torch.bfloat16)
+    report = {"command": " ".join(["python -m fastdllm_rt.train"] + list(argv or [])), "config": asdict(cfg),
+              "steps_done": step, "train_seconds": round(train_seconds, 1), "loss_curve": curve,
+              "held_out_during_training": metrics,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__}
+    with open(os.path.join(cfg.out, "training.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    print(json.dumps({k: report[k] for k in ("steps_done", "train_seconds", "held_out_during_training")}))
+    return report
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def main(argv=None):
+    import argparse
+
+    argv = sys.argv[1:] if argv is None else argv
+    defaults = TrainConfig(out="")
+    ap = argparse.ArgumentParser(prog="python -m fastdllm_rt.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    for field, value in asdict(defaults).items():
+        flag = "--" + field.replace("_", "-")
+        if field == "out":
+            ap.add_argument(flag, required=True, help="output checkpoint folder")
+        else:
+            ap.add_argument(flag, type=type(value), default=value)
+    args = ap.parse_args(argv)
+    return train(TrainConfig(**vars(args)), argv)
