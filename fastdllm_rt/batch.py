@@ -111,15 +111,32 @@ def _group_key(req: RowRequest):
     return (_ORDER[req.kind], False)
 
 
-def build_batch(requests: list[RowRequest], device, block_size: int) -> ForwardBatch:
+@dataclass
+class PackedBatch:
+    """A batch packed on the host: one int64 tensor holding tokens, positions, slots, logits indices and the
+    groups' metadata, plus the layout that says how to slice it. Two batches with equal ``signature`` have
+    identical layouts, so one's tensor can be copied into the other's device buffer (CUDA graph replay)."""
+    host: torch.Tensor
+    T: int
+    n_logits: int
+    layout: list            # (kind, skip, tok_lo, tok_hi, members, lens, meta offset)
+    logits_rows: list
+    reuse_lo: int
+    skip_from: int
+
+    @property
+    def signature(self) -> tuple:
+        return tuple((kind, skip, tuple(lens)) for kind, skip, _, _, _, lens, _ in self.layout) + (self.n_logits,)
+
+
+def pack_batch(requests: list[RowRequest], block_size: int) -> PackedBatch:
     """Pack requests into one forward. Rows are grouped by kind (order above); within a group the caller's order
-    is kept. ``logits_rows[i]`` tells where request i's logits landed. All metadata crosses to the device in
-    one copy."""
+    is kept. ``logits_rows[i]`` tells where request i's logits land."""
     order = sorted(range(len(requests)), key=lambda i: _group_key(requests[i]))
     tokens, positions, slots_tok, logit_idx = [], [], [], []
     logits_rows: list[tuple[int, int, int]] = [None] * len(requests)  # type: ignore[list-item]
-    meta: list[int] = []            # per group: slots, starts, cu, concatenated; sliced after the copy
-    layout = []                     # (kind, skip, tok_lo, tok_hi, members, lens, meta offset)
+    meta: list[int] = []
+    layout = []
     cursor = n_logits = 0
     reuse_lo = skip_from = None
     for key_val in sorted({_group_key(requests[i]) for i in order}):
@@ -155,24 +172,36 @@ def build_batch(requests: list[RowRequest], device, block_size: int) -> ForwardB
             cu.append(cursor - lo)
         layout.append((kind, skip, lo, cursor, members, lens, len(meta)))
         meta.extend(slots + starts + cu)
-    T = cursor
     host = torch.cat([torch.cat(tokens).long(), torch.cat(positions), torch.cat(slots_tok),
                       torch.tensor(logit_idx + meta, dtype=torch.long)])
-    dev = host.to(device, non_blocking=True) if torch.device(device).type == "cuda" else host.to(device)
-    n_log = len(logit_idx)
+    return PackedBatch(host, cursor, n_logits, layout, logits_rows,
+                       cursor if reuse_lo is None else reuse_lo, cursor if skip_from is None else skip_from)
+
+
+def upload(packed: PackedBatch, device, buffer: torch.Tensor | None = None) -> ForwardBatch:
+    """Move a packed batch to the device (into ``buffer`` when given) and describe it as a ForwardBatch whose
+    tensors are views of that one device tensor."""
+    if buffer is None:
+        dev = packed.host.to(device, non_blocking=True) if torch.device(device).type == "cuda" \
+            else packed.host.to(device)
+    else:
+        buffer.copy_(packed.host, non_blocking=True)
+        dev = buffer
+    T, n_log = packed.T, packed.n_logits
     meta_dev = dev[3 * T + n_log:]
     groups = []
-    for kind, skip, lo, hi, members, lens, off in layout:
+    for kind, skip, lo, hi, members, lens, off in packed.layout:
         R = len(members)
         groups.append(Group(kind=kind, skip=skip, tok_lo=lo, tok_hi=hi, rows=members,
                             slots=meta_dev[off:off + R], starts=meta_dev[off + R:off + 2 * R], lens=lens,
                             cu=meta_dev[off + 2 * R:off + 3 * R + 1]))
-    return ForwardBatch(
-        tokens=dev[:T], positions=dev[T:2 * T], token_slot=dev[2 * T:3 * T], groups=groups,
-        logits_index=dev[3 * T:3 * T + n_log], logits_rows=logits_rows,
-        reuse_lo=T if reuse_lo is None else reuse_lo,
-        skip_from=T if skip_from is None else skip_from,
-    )
+    return ForwardBatch(tokens=dev[:T], positions=dev[T:2 * T], token_slot=dev[2 * T:3 * T], groups=groups,
+                        logits_index=dev[3 * T:3 * T + n_log], logits_rows=packed.logits_rows,
+                        reuse_lo=packed.reuse_lo, skip_from=packed.skip_from)
+
+
+def build_batch(requests: list[RowRequest], device, block_size: int) -> ForwardBatch:
+    return upload(pack_batch(requests, block_size), device)
 
 
 def shifted_sources(targets: list[int]) -> list[int]:

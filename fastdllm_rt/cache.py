@@ -37,6 +37,26 @@ class Caches:
         self.reuse = {layer: torch.zeros(num_slots, bs, config.hidden_size, dtype=dtype, device=device)
                       for layer in self.reuse_layers}
         self._free = list(range(num_slots - 1, -1, -1))
+        self._runners = {}
+
+    def reset(self) -> None:
+        """Hand every slot back (the contents stay; every reader writes before it reads)."""
+        self._free = list(range(self.num_slots - 1, -1, -1))
+
+    def fits(self, num_slots: int, max_len: int, reuse_layers, reuse_mode) -> bool:
+        return (num_slots <= self.num_slots and max_len <= self.max_len
+                and tuple(reuse_layers) == self.reuse_layers and reuse_mode == self.reuse_mode)
+
+    def graph_runner(self, model, reuse):
+        """The CUDA-graph runner bound to these caches and this reuse schedule (graphs bake in both)."""
+        from .graphs import GraphRunner
+
+        key = None if reuse is None else (reuse.policy.k, reuse.policy.mode, tuple(sorted(reuse.layers)))
+        if key not in self._runners:
+            self._runners[key] = GraphRunner(model, self, reuse)
+        runner = self._runners[key]
+        runner.reuse = reuse
+        return runner
 
     # ---- slots -------------------------------------------------------------------------------------------
     def alloc(self) -> int:

@@ -73,6 +73,8 @@ class Engine:
         self.device = model.device
         self.timer = ForwardTimer(self.device)
         self._t0 = time.perf_counter()
+        self.graphs = caches.graph_runner(model, reuse) if (
+            caches is not None and model.ops.name == "triton" and self.device.type == "cuda") else None
         model.reset_counters()
 
     # ---- requests ----------------------------------------------------------------------------------------
@@ -108,9 +110,12 @@ class Engine:
     # ---- running -----------------------------------------------------------------------------------------
     def run(self, requests: list[RowRequest]):
         """One forward over all requests; returns (fp32 logits, batch)."""
-        batch = build_batch(requests, self.device, self.block_size)
         self.timer.start()
-        logits = self.model(batch, self.caches, self.reuse)
+        if self.graphs is not None:
+            logits, batch = self.graphs.forward(requests, self.block_size)
+        else:
+            batch = build_batch(requests, self.device, self.block_size)
+            logits = self.model(batch, self.caches, self.reuse)
         self.timer.stop()
         st = self.stats
         st.model_calls += 1

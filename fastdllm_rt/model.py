@@ -18,7 +18,7 @@ from torch import nn
 
 from fastdllm_kernels.rope.reference import rope_tables
 
-from .batch import ForwardBatch, Group
+from .batch import ForwardBatch
 from .config import ModelConfig
 
 
@@ -62,13 +62,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, attend, ops):
-        """x: [T, hidden] residual stream in; returns the residual stream out. ``attend(q, k, v)`` does the
-        cache writes and attention for this layer."""
+    def forward(self, x, attend, ops):
+        """x: [T, hidden] residual stream in; returns the residual stream out. ``attend(q, k, v)`` applies
+        RoPE, writes this layer's caches and attends (the backend decides how much of that is fused)."""
         attn = self.self_attn
         h = ops.rms_norm(x, self.input_layernorm.weight, self.input_layernorm.eps)
         q, k, v = attn.split_qkv(h)
-        q, k = ops.rope(q, k, cos, sin)
         o = attend(q, k, v).reshape(x.shape[0], -1)
         o = F.linear(o, attn.o_proj.weight)
         h, x = ops.add_rms_norm(o, x, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps)
@@ -107,12 +106,16 @@ class FastDLLM(nn.Module):
     def dtype(self):
         return self.embed_tokens.weight.dtype
 
-    def rope_cos_sin(self, positions):
-        if self._rope is None or self._rope[0].device != positions.device or self._rope[0].dtype != self.dtype:
+    def rope_tables(self, device):
+        """cos, sin tables [max_positions, head_dim] in the activation dtype (built once per device/dtype)."""
+        if self._rope is None or self._rope[0].device != device or self._rope[0].dtype != self.dtype:
             cfg = self.config
-            self._rope = rope_tables(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta, self.dtype,
-                                     positions.device)
-        return self._rope[0][positions], self._rope[1][positions]
+            self._rope = rope_tables(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta, self.dtype, device)
+        return self._rope
+
+    def rope_cos_sin(self, positions):
+        cos, sin = self.rope_tables(positions.device)
+        return cos[positions], sin[positions]
 
     def logits(self, hidden):
         """Final norm + head on the selected hidden states only; fp32 logits."""
@@ -131,23 +134,25 @@ class FastDLLM(nn.Module):
         ``caches``: ``Caches`` (may be None when every row is PLAIN with no prefix); ``reuse``: a
         ``ReuseRuntime`` applying the policy, or None."""
         x = self.embed_tokens(batch.tokens)
-        cos, sin = self.rope_cos_sin(batch.positions)
         T = batch.num_tokens
         n_compute = batch.skip_from
         compute_groups = [g for g in batch.groups if not g.skip]
         rows_all = sum(g.num_rows for g in batch.groups)
         rows_compute = sum(g.num_rows for g in compute_groups)
+        ctx_all = self.ops.prepare(self, batch, batch.groups, T)
+        ctx_compute = None
         for layer in self.layers:
             idx = layer.index
             skipping = reuse is not None and n_compute < T and reuse.skips(idx)
             if not skipping:
-                x_out = layer(x, cos, sin, self._attend_fn(batch, batch.groups, caches, idx), self.ops)
+                x_out = layer(x, self._attend_fn(ctx_all, caches, idx), self.ops)
                 self.layer_rows_computed[idx] += rows_all
             else:
                 x_out = torch.empty_like(x)
                 if n_compute:
-                    x_out[:n_compute] = layer(x[:n_compute], cos[:n_compute], sin[:n_compute],
-                                              self._attend_fn(batch, compute_groups, caches, idx), self.ops)
+                    if ctx_compute is None:
+                        ctx_compute = self.ops.prepare(self, batch, compute_groups, n_compute)
+                    x_out[:n_compute] = layer(x[:n_compute], self._attend_fn(ctx_compute, caches, idx), self.ops)
                     self.layer_rows_computed[idx] += rows_compute
                 x_out[n_compute:] = reuse.replay(idx, x[n_compute:], batch.token_slot[n_compute:],
                                                  batch.positions[n_compute:] % self.config.bd_size)
@@ -161,34 +166,9 @@ class FastDLLM(nn.Module):
             return x.new_empty(0, self.config.vocab_size, dtype=torch.float32)
         return self.logits(x[batch.logits_index])
 
-    def _attend_fn(self, batch: ForwardBatch, groups: list[Group], caches, layer: int):
-        ops, bs = self.ops, self.config.bd_size
+    def _attend_fn(self, ctx, caches, layer: int):
         scale = self.layers[layer].self_attn.scale
-
-        def attend(q, k, v):
-            out = torch.empty_like(q)
-            writes_prefix = [g for g in groups if g.kind.writes_prefix]
-            writes_block = [g for g in groups if g.kind.writes_block]
-            if writes_prefix:
-                lo, hi = writes_prefix[0].tok_lo, writes_prefix[-1].tok_hi
-                ops.write_kv(caches.prefix_k[layer], caches.prefix_v[layer], k[lo:hi], v[lo:hi],
-                             batch.token_slot[lo:hi], batch.positions[lo:hi])
-            if writes_block:
-                lo, hi = writes_block[0].tok_lo, writes_block[-1].tok_hi
-                ops.write_kv(caches.block_k[layer], caches.block_v[layer], k[lo:hi], v[lo:hi],
-                             batch.token_slot[lo:hi], batch.positions[lo:hi] % bs)
-            for g in groups:
-                sl = slice(g.tok_lo, g.tok_hi)
-                if g.kind.extends:
-                    pk = caches.prefix_k[layer] if caches is not None else _EMPTY_CACHE(k)
-                    pv = caches.prefix_v[layer] if caches is not None else _EMPTY_CACHE(v)
-                    out[sl] = ops.extend_attention(q[sl], k[sl], v[sl], pk, pv, g, bs, scale)
-                else:
-                    out[sl] = ops.sub_attention(q[sl], caches.prefix_k[layer], caches.prefix_v[layer],
-                                                caches.block_k[layer], caches.block_v[layer], g, scale)
-            return out
-
-        return attend
+        return lambda q, k, v: self.ops.attention(q, k, v, ctx, caches, layer, scale)
 
     # ---- dense forward (training, references) ------------------------------------------------------------
     def forward_dense(self, input_ids, positions, allowed, logits_slice=None):
@@ -205,9 +185,11 @@ class FastDLLM(nn.Module):
             h = self.ops.rms_norm(x, layer.input_layernorm.weight, layer.input_layernorm.eps)
             q, k, v = attn.split_qkv(h.reshape(B * N, -1))
             q, k = self.ops.rope(q, k, cos, sin)
-            q, k, v = (t.reshape(B, N, -1, attn.head_dim) for t in (q, k, v))
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               attn_mask=mask, enable_gqa=True, scale=attn.scale)
+            q, k, v = (t.reshape(B, N, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))
+            # expanded K/V heads let SDPA pick its memory-efficient kernel, which takes an arbitrary mask
+            group = attn.num_heads // attn.num_kv_heads
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
             o = F.linear(o.transpose(1, 2).reshape(B, N, -1), attn.o_proj.weight)
             h, x = self.ops.add_rms_norm(o, x, layer.post_attention_layernorm.weight,
                                          layer.post_attention_layernorm.eps)
@@ -215,10 +197,6 @@ class FastDLLM(nn.Module):
         if logits_slice is not None:
             x = x[:, logits_slice]
         return self.logits(x)
-
-
-def _EMPTY_CACHE(like):
-    return like.new_zeros(1, like.shape[1], 0, like.shape[2])
 
 
 def block_causal_allowed(n: int, block_size: int, device=None, offset: int = 0) -> torch.Tensor:

@@ -8,6 +8,8 @@ methods, so a failure tells at once whether the runtime or a kernel is wrong.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -54,6 +56,23 @@ class _SubPlan:
         self.mask = None if bool(k_valid.all()) else k_valid[:, None, None, :]
 
 
+class AttnContext:
+    """What every layer's attention needs about one forward, computed once: the groups it covers, token
+    positions and slots, the contiguous token ranges that write the prefix / block caches, and the RoPE
+    values (gathered per token for the PyTorch backend, whole tables for the Triton one)."""
+
+    def __init__(self, model, batch, groups, T):
+        self.groups = groups
+        self.T = T
+        self.positions = batch.positions[:T]
+        self.slots = batch.token_slot[:T]
+        self.block_size = model.config.bd_size
+        pre = [g for g in groups if g.kind.writes_prefix]
+        blk = [g for g in groups if g.kind.writes_block]
+        self.prefix_range = (pre[0].tok_lo, pre[-1].tok_hi) if pre else None
+        self.block_range = (blk[0].tok_lo, blk[-1].tok_hi) if blk else None
+
+
 class TorchOps:
     name = "torch"
 
@@ -69,10 +88,40 @@ class TorchOps:
     def swiglu(self, gate_up):
         return swiglu_ref(gate_up)
 
-    def write_kv(self, cache_k, cache_v, k, v, slots, index):
+    def prepare(self, model, batch, groups, T) -> AttnContext:
+        ctx = AttnContext(model, batch, groups, T)
+        ctx.cos, ctx.sin = model.rope_cos_sin(ctx.positions)
+        return ctx
+
+    @staticmethod
+    def write_kv(cache_k, cache_v, k, v, slots, index):
         """cache_*: [slots, Hkv, S, D]; k, v: [T, Hkv, D]; token t goes to (slots[t], :, index[t])."""
         cache_k[slots, :, index] = k.to(cache_k.dtype)
         cache_v[slots, :, index] = v.to(cache_v.dtype)
+
+    def attention(self, q, k, v, ctx: AttnContext, caches, layer: int, scale: float):
+        q, k = rope_ref(q, ctx.cos, ctx.sin), rope_ref(k, ctx.cos, ctx.sin)
+        if ctx.prefix_range:
+            lo, hi = ctx.prefix_range
+            self.write_kv(caches.prefix_k[layer], caches.prefix_v[layer], k[lo:hi], v[lo:hi], ctx.slots[lo:hi],
+                          ctx.positions[lo:hi])
+        if ctx.block_range:
+            lo, hi = ctx.block_range
+            self.write_kv(caches.block_k[layer], caches.block_v[layer], k[lo:hi], v[lo:hi], ctx.slots[lo:hi],
+                          ctx.positions[lo:hi] % ctx.block_size)
+        out = torch.empty_like(q)
+        for g in ctx.groups:
+            sl = slice(g.tok_lo, g.tok_hi)
+            if g.kind.extends:
+                if caches is None:
+                    pk = pv = k.new_zeros(1, k.shape[1], 0, k.shape[2])
+                else:
+                    pk, pv = caches.prefix_k[layer], caches.prefix_v[layer]
+                out[sl] = self.extend_attention(q[sl], k[sl], v[sl], pk, pv, g, ctx.block_size, scale)
+            else:
+                out[sl] = self.sub_attention(q[sl], caches.prefix_k[layer], caches.prefix_v[layer],
+                                             caches.block_k[layer], caches.block_v[layer], g, scale)
+        return out
 
     @staticmethod
     def _plan(group, kind, block_size, device):
@@ -111,8 +160,9 @@ def make_ops(backend: str, device: torch.device):
     if backend == "torch":
         return TorchOps()
     if backend == "triton":
-        if device.type != "cuda":
-            raise ValueError(f"backend='triton' needs a CUDA device, got {device}; use backend='torch' on CPU")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"backend='triton' needs a CUDA device, got {device}; use backend='torch' on CPU "
+                             f"(or TRITON_INTERPRET=1 to run the kernels in Triton's interpreter)")
         from .ops_triton import TritonOps
 
         return TritonOps()

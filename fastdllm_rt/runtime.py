@@ -29,6 +29,7 @@ class Runtime:
         self.folder = folder
         self.backend = backend
         self._warned_backoff = False
+        self._caches: Caches | None = None
 
     @property
     def device(self) -> torch.device:
@@ -47,9 +48,19 @@ class Runtime:
 
     # ---- helpers used by the sampler and scorer ----------------------------------------------------------
     def new_caches(self, num_slots: int, max_len: int, policy: ReusePolicy | None) -> Caches:
+        """Caches for a call. The last caches are kept and reused when they are large enough (same reuse
+        layers), so their allocation and their captured CUDA graphs carry over between calls."""
         layers = policy.resolve(self.config.num_hidden_layers) if policy is not None else ()
-        return Caches(self.config, num_slots, max_len, self.dtype, self.device, reuse_layers=layers,
-                      reuse_mode=policy.mode if policy is not None else None)
+        mode = policy.mode if policy is not None else None
+        if self._caches is not None and self._caches.fits(num_slots, max_len, layers, mode):
+            self._caches.reset()
+            return self._caches
+        self._caches = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self._caches = Caches(self.config, num_slots, max_len, self.dtype, self.device, reuse_layers=layers,
+                              reuse_mode=mode)
+        return self._caches
 
     def reuse_runtime(self, policy: ReusePolicy | None, caches: Caches):
         if policy is None or not policy.active:

@@ -25,7 +25,7 @@ CATEGORIES = {
     "tool": ["hammer", "saw", "wrench", "drill", "shovel", "rake", "chisel", "ladder", "needle", "axe"],
 }
 LETTERS = "ABCD"
-TASKS = ("arith", "mc_letter", "mc_text", "prose")
+TASKS = ("arith", "mc_letter", "mc_text", "prose", "mc_lookup")
 
 
 def _rng(task: str, seed: int, index: int) -> random.Random:
@@ -103,6 +103,12 @@ def make_example(task: str, seed: int, index: int) -> dict:
         q, opts, gold = _mc_question(rng)
         prompt = f"Question: {q}\nAnswer:"
         return {"question": q, "choices": opts, "gold": gold, "prompt": prompt, "response": " " + opts[gold]}
+    if task == "mc_lookup":
+        # training-only auxiliary skill for mc_letter: find the letter of a given option
+        _, opts, gold = _mc_question(rng)
+        body = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(opts))
+        prompt = f"{body}\nWhich letter is {opts[gold]}?\nAnswer:"
+        return {"choices": opts, "gold": gold, "prompt": prompt, "response": " " + LETTERS[gold]}
     if task == "prose":
         q, sol, _ = _word_problem(rng)
         text = f"{q} {sol.splitlines()[0]}"
@@ -124,7 +130,7 @@ def split(task: str, seed: int, n: int, held_out: bool, start: int = 0) -> list[
 
 def training_stream(seed: int, weights=None):
     """Endless training examples, tasks mixed by ``weights`` (task -> weight)."""
-    weights = weights or {"arith": 4, "mc_letter": 3, "mc_text": 2, "prose": 1}
+    weights = weights or {"arith": 3, "mc_letter": 4, "mc_text": 2, "mc_lookup": 2, "prose": 1}
     rng = random.Random(seed)
     counters = {t: 0 for t in weights}
     tasks, w = list(weights), list(weights.values())

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -39,7 +38,10 @@ class TrainConfig:
     vocab: int = 512
     steps: int = 20000
     minutes: float = 0.0             # wall-clock budget (schedule fitted to it); 0 = run all steps
-    batch_size: int = 128
+    batch_size: int = 512
+    seq_len: int = 64                # static length: every synthetic example fits; lets the step be graphed
+    cuda_graph: bool = True
+    mix: str = ""                    # task weights, e.g. "arith=3,mc_letter=4"; empty = the default mixture
     lr: float = 1.5e-3
     warmup: int = 200
     weight_decay: float = 0.1
@@ -73,34 +75,35 @@ def build(cfg: TrainConfig, tok: Tokenizer) -> FastDLLM:
 
 
 class Batches:
-    """Pre-tokenised training sequences: prompt + response + stop, padded to a multiple of 32 with the pad
-    token, which is part of the response (the paper's "+pad" variant: the model learns to fill a block after
-    its stop token)."""
+    """Pre-tokenised training sequences packed into one tensor: prompt + response + stop, padded to the
+    static length with the pad token, which is part of the response (the paper's "+pad" variant: the model
+    learns to fill a block after its stop token)."""
 
     def __init__(self, tok: Tokenizer, cfg: TrainConfig):
-        stream = training_stream(cfg.seed)
+        weights = {k: float(v) for k, v in (kv.split("=") for kv in cfg.mix.split(",") if kv)} or None
+        stream = training_stream(cfg.seed, weights)
         examples = [next(stream) for _ in range(cfg.pool)]
         prompts = tok.encode_batch([e["prompt"] for e in examples])
         responses = tok.encode_batch([e["response"] for e in examples])
-        stop, self.pad = tok.eos_token_id, tok.pad_token_id
-        self.items = []
+        stop, pad, L = tok.eos_token_id, tok.pad_token_id, cfg.seq_len
+        rows, starts = [], []
         for p, r in zip(prompts, responses):
             p = p or [stop]                       # prose documents are conditioned on the stop token
-            self.items.append((p, r + [stop]))
-        self.rng = random.Random(cfg.seed)
+            seq = p + r + [stop]
+            if len(seq) <= L:
+                rows.append(seq + [pad] * (L - len(seq)))
+                starts.append(len(p))
+        self.x = torch.tensor(rows, dtype=torch.long)
+        self.resp = torch.arange(L)[None, :] >= torch.tensor(starts)[:, None]
+        self.gen = torch.Generator().manual_seed(cfg.seed)
         self.batch_size = cfg.batch_size
 
     def sample(self, device):
-        chosen = self.rng.sample(self.items, self.batch_size)
-        L = max(len(p) + len(r) for p, r in chosen)
-        L = (L + 31) // 32 * 32
-        x = torch.full((len(chosen), L), self.pad, dtype=torch.long)
-        resp = torch.zeros(len(chosen), L, dtype=torch.bool)
-        for i, (p, r) in enumerate(chosen):
-            x[i, :len(p)] = torch.tensor(p)
-            x[i, len(p):len(p) + len(r)] = torch.tensor(r)
-            resp[i, len(p):] = True
-        return x.to(device), resp.to(device)
+        idx = torch.randint(0, self.x.shape[0], (self.batch_size,), generator=self.gen)
+        x, resp = self.x[idx], self.resp[idx]
+        if device.type == "cuda":
+            x, resp = x.pin_memory(), resp.pin_memory()
+        return x.to(device, non_blocking=True), resp.to(device, non_blocking=True)
 
 
 def evaluate(model: FastDLLM, tok: Tokenizer, n: int, seed: int = 1) -> dict:
@@ -135,13 +138,8 @@ def train(cfg: TrainConfig, argv=None) -> dict:
     model = build(cfg, tok).to(device)
     mask_id = tok.token_to_id("|<MASK>|")
     data = Batches(tok, cfg)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
-                            fused=device.type == "cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    step_fn, set_lr, mode = make_step(model, cfg, data, mask_id, device)
+    print(f"training step: {mode}", flush=True)
     curve, step, t_train = [], 0, time.time()
     total = cfg.steps
     model.train()
@@ -152,21 +150,14 @@ def train(cfg: TrainConfig, argv=None) -> dict:
             left = cfg.minutes * 60 - (time.time() - t0) - 60     # a minute kept for evaluation and export
             total = max(step + 1, min(cfg.steps, step + int(left / per_step)))
             print(f"{per_step * 1e3:.1f} ms/step: {total} steps fit in {cfg.minutes} minutes", flush=True)
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / total)))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        x0, resp = data.sample(device)
-        with autocast:
-            loss = diffusion_loss(model, x0, resp, mask_id, generator=gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        set_lr(cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+               * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / total))))
+        loss = step_fn()
         step += 1
         if step % cfg.log_every == 0 or step == 1:
             value = float(loss.detach())
             curve.append((step, value))
-            print(f"step {step:5d}  loss {value:.4f}  lr {lr:.2e}  {time.time() - t_train:6.1f}s", flush=True)
+            print(f"step {step:5d}  loss {value:.4f}  {time.time() - t_train:6.1f}s", flush=True)
     train_seconds = time.time() - t_train
     with torch.no_grad():
         metrics = evaluate(model, tok, cfg.eval_examples) if cfg.eval_examples else {}
@@ -180,6 +171,68 @@ def train(cfg: TrainConfig, argv=None) -> dict:
         json.dump(report, f, indent=2)
     print(json.dumps({k: report[k] for k in ("steps_done", "train_seconds", "held_out_during_training")}))
     return report
+
+
+def make_step(model, cfg: TrainConfig, data: Batches, mask_id: int, device):
+    """(step() -> loss, set_lr(value), description). On CUDA the whole step (forward, backward, clipping,
+    AdamW) is captured once in a CUDA graph and replayed: the model is small, so eager launch overhead would
+    otherwise dominate. Falls back to eager if capture fails."""
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    cuda = device.type == "cuda"
+    lr = torch.tensor(cfg.lr, device=device) if cuda else cfg.lr
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), capturable=cuda, foreach=True)
+
+    def set_lr(value):
+        if cuda:
+            lr.fill_(value)
+        else:
+            for g in opt.param_groups:
+                g["lr"] = value
+
+    def compute(x0, resp):
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if cuda else _nullcontext()
+        with ctx:
+            loss = diffusion_loss(model, x0, resp, mask_id)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        opt.step()
+        return loss
+
+    def eager():
+        x0, resp = data.sample(device)
+        opt.zero_grad(set_to_none=True)
+        return compute(x0, resp)
+
+    if not (cuda and cfg.cuda_graph):
+        return eager, set_lr, "eager"
+    try:
+        static_x0, static_resp = data.sample(device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):                       # warm-up allocates grads and optimizer state
+                opt.zero_grad(set_to_none=True)
+                compute(static_x0, static_resp)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        opt.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            static_loss = compute(static_x0, static_resp)
+
+        def replay():
+            x0, resp = data.sample(device)
+            static_x0.copy_(x0)
+            static_resp.copy_(resp)
+            graph.replay()
+            return static_loss
+
+        return replay, set_lr, "cuda graph"
+    except Exception as e:  # noqa: BLE001 - any capture failure means: train eagerly
+        print(f"CUDA graph capture failed ({type(e).__name__}: {e}); training eagerly", flush=True)
+        torch.cuda.synchronize()
+        return eager, set_lr, "eager (graph capture failed)"
 
 
 class _nullcontext:

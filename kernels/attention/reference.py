@@ -75,3 +75,21 @@ def sub_attention_ref(q, prefix_k, prefix_v, block_k, block_v, slots, prefix_len
                          torch.ones(R, bs, dtype=torch.bool, device=dev)], dim=1)
     allowed = k_valid[:, None, :].expand(R, n, p_max + bs)
     return attention_core_ref(qp, keys, vals, allowed, scale).reshape(q.shape)
+
+
+def decode_attention_ref(q, prefix_k, prefix_v, block_k, block_v, slots, prefix_lens, has_tail, q_starts, n_q, scale):
+    """The decode kinds by definition: row r's n_q queries (packed at q_starts[r]) attend, unmasked, to its
+    prefix cache [0, prefix_lens[r]) followed by its whole block cache when has_tail[r]."""
+    out = torch.zeros_like(q)
+    for r in range(slots.numel()):
+        s, L, lo = int(slots[r]), int(prefix_lens[r]), int(q_starts[r])
+        keys, vals = [prefix_k[s, :, :L]], [prefix_v[s, :, :L]]
+        if int(has_tail[r]):
+            keys.append(block_k[s])
+            vals.append(block_v[s])
+        kk = torch.cat(keys, dim=1).transpose(0, 1)[None]
+        vv = torch.cat(vals, dim=1).transpose(0, 1)[None]
+        qq = q[lo:lo + n_q][None]
+        allowed = torch.ones(1, n_q, kk.shape[1], dtype=torch.bool, device=q.device)
+        out[lo:lo + n_q] = attention_core_ref(qq, kk.to(q.dtype), vv.to(q.dtype), allowed, scale)[0]
+    return out

@@ -1,0 +1,90 @@
+"""The ``triton`` backend: the transformer's non-matmul work in Triton kernels (``fastdllm_kernels``); the
+matmuls stay with cuBLAS. Per layer: RMSNorm, QKV GEMM, one RoPE + KV-cache-write kernel, one attention call
+per row group (decode kernel for full-block, sub-block and commit rows; block-causal kernel for windows that
+span blocks), O GEMM, fused residual add + RMSNorm, gate/up GEMM, SwiGLU, down GEMM.
+
+Everything ``prepare`` derives from a batch lives on the device and depends on host values only through the
+batch's layout, so a forward can be captured in a CUDA graph and replayed with new tokens and lengths.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastdllm_kernels.attention.kernel import decode_attention, prefill_attention
+from fastdllm_kernels.rms_norm.kernel import add_rms_norm, rms_norm
+from fastdllm_kernels.rope.kernel import rope_write
+from fastdllm_kernels.rope.reference import rope_ref
+from fastdllm_kernels.select.kernel import logit_stats
+from fastdllm_kernels.swiglu.kernel import swiglu
+
+from .batch import Kind
+from .ops import AttnContext
+
+_DEST = {Kind.PLAIN: 0, Kind.PREFILL: 1, Kind.COMMIT: 1, Kind.FULL: 2, Kind.SUB: 2}
+
+
+class TritonOps:
+    name = "triton"
+
+    def __init__(self):
+        # the interpreter (CPU) runs programs one after another: plan for few of them there
+        self._num_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count \
+            if torch.cuda.is_available() else 2
+        self._dummy = {}
+
+    def rms_norm(self, x, weight, eps):
+        return rms_norm(x, weight, eps)
+
+    def add_rms_norm(self, x, residual, weight, eps):
+        return add_rms_norm(x, residual, weight, eps)
+
+    def swiglu(self, gate_up):
+        return swiglu(gate_up)
+
+    def rope(self, q, k, cos, sin):                 # dense (training/reference) path only
+        return rope_ref(q, cos, sin), rope_ref(k, cos, sin)
+
+    def logit_stats(self, logits):
+        return logit_stats(logits)
+
+    def prepare(self, model, batch, groups, T) -> AttnContext:
+        ctx = AttnContext(model, batch, groups, T)
+        dev = batch.tokens.device
+        ctx.cos_table, ctx.sin_table = model.rope_tables(dev)
+        ctx.dest = torch.cat([torch.full((g.tok_hi - g.tok_lo,), _DEST[g.kind], dtype=torch.int32, device=dev)
+                              for g in groups]) if groups else torch.zeros(0, dtype=torch.int32, device=dev)
+        ctx.launch = []
+        for g in groups:
+            n = g.lens[0]
+            uniform = all(x == n for x in g.lens)
+            if g.kind in (Kind.FULL, Kind.SUB, Kind.COMMIT) and uniform:
+                plen = g.starts + n if g.kind is Kind.COMMIT else g.starts
+                tail = torch.full_like(g.slots, 0 if g.kind is Kind.COMMIT else 1)
+                ctx.launch.append(("decode", g, (g.slots, plen, tail, g.cu[:-1]), n))
+            else:
+                ctx.launch.append(("prefill", g, (g.slots, g.starts, g.cu), max(g.lens)))
+        return ctx
+
+    def _dummy_cache(self, k):
+        key = (k.device, k.dtype, k.shape[1], k.shape[2])
+        if key not in self._dummy:
+            self._dummy[key] = torch.zeros(1, k.shape[1], 32, k.shape[2], dtype=k.dtype, device=k.device)
+        return self._dummy[key]
+
+    def attention(self, q, k, v, ctx: AttnContext, caches, layer: int, scale: float):
+        if caches is None:
+            pk = pv = bk = bv = self._dummy_cache(k)
+        else:
+            pk, pv = caches.prefix_k[layer], caches.prefix_v[layer]
+            bk, bv = caches.block_k[layer], caches.block_v[layer]
+        rope_write(q, k, v, ctx.cos_table, ctx.sin_table, ctx.positions, ctx.dest, ctx.slots, pk, pv, bk, bv)
+        out = torch.empty_like(q)
+        for kind, g, args, n in ctx.launch:
+            sl = slice(g.tok_lo, g.tok_hi)
+            if kind == "decode":
+                decode_attention(q[sl], pk, pv, bk, bv, *args, n_q=n, scale=scale, out=out[sl],
+                                 num_sms=self._num_sms)
+            else:
+                out[sl] = prefill_attention(q[sl], k[sl], v[sl], pk, pv, *args, max_len=n, scale=scale,
+                                            block_size=ctx.block_size)
+        return out

@@ -1,0 +1,239 @@
+"""Block-diffusion attention in Triton.
+
+``decode_attention`` serves the three decode kinds. For a block-aligned 32-token window (full-block, commit)
+and for an 8-token sub-block window, every query sees every key: the row's prefix cache ``[0, L)`` followed,
+when ``has_tail``, by the 32 keys of its block cache (spec §2.3-2.4; the window's fresh K/V are written to
+the caches before the call). The G query heads that share a KV head and the window's queries are packed into
+one tile of ``G * n`` rows, so each K/V tile is loaded once for all of them, and the key range is split
+across programs (flash-decoding) with a second kernel combining the partial softmaxes. Lengths are read on
+the device, and the grid depends only on the cache size, so the call can be captured in a CUDA graph.
+
+``prefill_attention`` serves windows that span blocks (prefill, plain scoring forwards): keys are the
+prefix cache ``[0, start)`` (all visible) and the window's own keys under the block-causal rule
+``q // bs >= k // bs``; one program per (row, query head, 64 queries).
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def decode_attention_fwd_kernel(
+        p_q, p_pk, p_pv, p_bk, p_bv, p_o, p_acc, p_ml,
+        p_slot, p_plen, p_tail, p_qstart,
+        stride_qt, stride_qh, stride_ot, stride_oh,
+        stride_ps, stride_ph, stride_pn, stride_bs, stride_bh, stride_bn,
+        scale, CHUNK,
+        HKV: tl.constexpr, G: tl.constexpr, NQ: tl.constexpr, D: tl.constexpr, TAIL: tl.constexpr,
+        M_TILES: tl.constexpr, SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_rh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    r = (pid_rh // HKV).to(tl.int64)
+    h = (pid_rh % HKV).to(tl.int64)
+    slot = tl.load(p_slot + r).to(tl.int64)
+    L = tl.load(p_plen + r).to(tl.int64)
+    K = L + tl.load(p_tail + r).to(tl.int64) * TAIL
+    qstart = tl.load(p_qstart + r).to(tl.int64)
+    m_idx = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)           # packed rows: m = g * NQ + i
+    m_ok = m_idx < G * NQ
+    g = m_idx // NQ
+    i = m_idx % NQ
+    d = tl.arange(0, D)
+    off_q = (qstart + i)[:, None] * stride_qt + (h * G + g)[:, None] * stride_qh + d[None, :]
+    b_q = tl.load(p_q + off_q, mask=m_ok[:, None], other=0.0)                          # [BLOCK_M, D]
+    b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    b_l = tl.zeros([BLOCK_M], tl.float32)
+    b_acc = tl.zeros([BLOCK_M, D], tl.float32)
+    lo = pid_s * CHUNK
+    hi = tl.minimum(lo + CHUNK, K)
+    pre_base = slot * stride_ps + h * stride_ph
+    tail_base = slot * stride_bs + h * stride_bh
+    for j0 in range(lo, hi, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        in_pre = j < L
+        in_tail = (j >= L) & (j < hi)
+        jt = tl.where(in_tail, j - L, 0)
+        off_pre = pre_base + j[:, None] * stride_pn + d[None, :]
+        off_tail = tail_base + jt[:, None] * stride_bn + d[None, :]
+        b_k = tl.load(p_pk + off_pre, mask=in_pre[:, None], other=0.0) + \
+            tl.load(p_bk + off_tail, mask=in_tail[:, None], other=0.0)                  # [BLOCK_N, D]
+        b_v = tl.load(p_pv + off_pre, mask=in_pre[:, None], other=0.0) + \
+            tl.load(p_bv + off_tail, mask=in_tail[:, None], other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k)) * scale                                        # [BLOCK_M, BLOCK_N]
+        b_s = tl.where((j < hi)[None, :], b_s, float("-inf"))
+        new_m = tl.maximum(b_m, tl.max(b_s, axis=1))
+        alpha = tl.exp(b_m - new_m)
+        b_p = tl.exp(b_s - new_m[:, None])
+        b_l = b_l * alpha + tl.sum(b_p, axis=1)
+        b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        b_m = new_m
+    if SPLITS == 1:
+        off_o = (qstart + i)[:, None] * stride_ot + (h * G + g)[:, None] * stride_oh + d[None, :]
+        tl.store(p_o + off_o, (b_acc / b_l[:, None]).to(p_o.dtype.element_ty), mask=m_ok[:, None])
+    else:
+        base = ((pid_rh * M_TILES + pid_m) * SPLITS + pid_s).to(tl.int64)
+        rows = tl.arange(0, BLOCK_M)
+        tl.store(p_acc + base * BLOCK_M * D + rows[:, None] * D + d[None, :], b_acc)
+        tl.store(p_ml + base * 2 * BLOCK_M + rows, b_m)
+        tl.store(p_ml + base * 2 * BLOCK_M + BLOCK_M + rows, b_l)
+
+
+@triton.jit
+def decode_attention_combine_kernel(
+        p_o, p_acc, p_ml, p_qstart, stride_ot, stride_oh,
+        HKV: tl.constexpr, G: tl.constexpr, NQ: tl.constexpr, D: tl.constexpr,
+        M_TILES: tl.constexpr, SPLITS: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_rh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    r = (pid_rh // HKV).to(tl.int64)
+    h = (pid_rh % HKV).to(tl.int64)
+    qstart = tl.load(p_qstart + r).to(tl.int64)
+    rows = tl.arange(0, BLOCK_M)
+    m_idx = pid_m * BLOCK_M + rows
+    m_ok = m_idx < G * NQ
+    g = m_idx // NQ
+    i = m_idx % NQ
+    d = tl.arange(0, D)
+    first = ((pid_rh * M_TILES + pid_m) * SPLITS).to(tl.int64)
+    b_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for s in range(SPLITS):
+        b_max = tl.maximum(b_max, tl.load(p_ml + (first + s) * 2 * BLOCK_M + rows))
+    b_l = tl.zeros([BLOCK_M], tl.float32)
+    b_acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for s in range(SPLITS):
+        base = first + s
+        b_ms = tl.load(p_ml + base * 2 * BLOCK_M + rows)
+        w = tl.where(b_ms == float("-inf"), 0.0, tl.exp(b_ms - b_max))
+        b_l += w * tl.load(p_ml + base * 2 * BLOCK_M + BLOCK_M + rows)
+        b_acc += w[:, None] * tl.load(p_acc + base * BLOCK_M * D + rows[:, None] * D + d[None, :])
+    off_o = (qstart + i)[:, None] * stride_ot + (h * G + g)[:, None] * stride_oh + d[None, :]
+    tl.store(p_o + off_o, (b_acc / b_l[:, None]).to(p_o.dtype.element_ty), mask=m_ok[:, None])
+
+
+def decode_plan(rows: int, kv_heads: int, group: int, n_q: int, max_keys: int, num_sms: int = 132,
+                block_m: int = 64, block_n: int = 64):
+    """Static launch shape for a decode call: tiles of ``block_m`` packed query rows and enough key splits
+    to give about two programs per SM. Depends only on sizes, never on the current lengths."""
+    block_m = min(block_m, max(16, triton.next_power_of_2(group * n_q)))
+    m_tiles = triton.cdiv(group * n_q, block_m)
+    programs = rows * kv_heads * m_tiles
+    splits = max(1, min(64, triton.cdiv(2 * num_sms, programs), triton.cdiv(max_keys, block_n)))
+    chunk = triton.cdiv(triton.cdiv(max_keys, splits), block_n) * block_n
+    splits = triton.cdiv(max_keys, chunk)
+    return block_m, m_tiles, splits, chunk, block_n
+
+
+def decode_attention(q, prefix_k, prefix_v, block_k, block_v, slots, prefix_lens, has_tail, q_starts, n_q: int,
+                     scale: float, out=None, num_sms: int = 132):
+    """q [T, Hq, D] packed, row r's n_q queries at q_starts[r]; caches [slots, Hkv, S, D] / [slots, Hkv, bs, D];
+    slots, prefix_lens, has_tail, q_starts: [R] int tensors on q's device. Returns o [T, Hq, D]."""
+    T, HQ, D = q.shape
+    HKV = prefix_k.shape[1]
+    R = slots.numel()
+    TAIL = block_k.shape[2]
+    assert HQ % HKV == 0 and q.stride(-1) == 1 and prefix_k.stride(-1) == 1 and block_k.stride(-1) == 1
+    assert prefix_k.shape[-1] == D and (D & (D - 1)) == 0, f"head_dim {D} must be a power of 2"
+    G = HQ // HKV
+    out = torch.empty_like(q) if out is None else out
+    if R == 0:
+        return out
+    block_m, m_tiles, splits, chunk, block_n = decode_plan(R, HKV, G, n_q, prefix_k.shape[2] + TAIL, num_sms)
+    if splits > 1:
+        acc = torch.empty(R * HKV * m_tiles * splits * block_m * D, dtype=torch.float32, device=q.device)
+        ml = torch.empty(R * HKV * m_tiles * splits * 2 * block_m, dtype=torch.float32, device=q.device)
+    else:
+        acc = ml = out
+    decode_attention_fwd_kernel[(R * HKV, m_tiles, splits)](
+        q, prefix_k, prefix_v, block_k, block_v, out, acc, ml, slots, prefix_lens, has_tail, q_starts,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
+        block_k.stride(0), block_k.stride(1), block_k.stride(2),
+        scale, chunk, HKV=HKV, G=G, NQ=n_q, D=D, TAIL=TAIL, M_TILES=m_tiles, SPLITS=splits,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2)
+    if splits > 1:
+        decode_attention_combine_kernel[(R * HKV, m_tiles)](
+            out, acc, ml, q_starts, out.stride(0), out.stride(1), HKV=HKV, G=G, NQ=n_q, D=D, M_TILES=m_tiles,
+            SPLITS=splits, BLOCK_M=block_m, num_warps=4)
+    return out
+
+
+@triton.jit
+def prefill_attention_fwd_kernel(
+        p_q, p_k, p_v, p_pk, p_pv, p_o, p_slot, p_start, p_cu,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_ps, stride_ph, stride_pn,
+        scale, HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    r = (pid // HQ).to(tl.int64)
+    hq = (pid % HQ).to(tl.int64)
+    hk = hq // G
+    lo_t = tl.load(p_cu + r).to(tl.int64)
+    n = tl.load(p_cu + r + 1).to(tl.int64) - lo_t
+    if pid_m * BLOCK_M >= n:
+        return
+    start = tl.load(p_start + r).to(tl.int64)
+    slot = tl.load(p_slot + r).to(tl.int64)
+    i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    i_ok = i < n
+    q_pos = start + i
+    d = tl.arange(0, D)
+    b_q = tl.load(p_q + (lo_t + i)[:, None] * stride_qt + hq * stride_qh + d[None, :], mask=i_ok[:, None],
+                  other=0.0)
+    b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    b_l = tl.zeros([BLOCK_M], tl.float32)
+    b_acc = tl.zeros([BLOCK_M, D], tl.float32)
+    # prefix cache [0, start): visible to every query of the window
+    for j0 in range(0, start, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        ok = j < start
+        off = slot * stride_ps + hk * stride_ph + j[:, None] * stride_pn + d[None, :]
+        b_k = tl.load(p_pk + off, mask=ok[:, None], other=0.0)
+        b_v = tl.load(p_pv + off, mask=ok[:, None], other=0.0)
+        b_s = tl.where(ok[None, :], tl.dot(b_q, tl.trans(b_k.to(b_q.dtype))) * scale, float("-inf"))
+        new_m = tl.maximum(b_m, tl.max(b_s, axis=1))
+        alpha = tl.exp(b_m - new_m)
+        b_p = tl.exp(b_s - new_m[:, None])
+        b_l = b_l * alpha + tl.sum(b_p, axis=1)
+        b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_q.dtype), b_v.to(b_q.dtype))
+        b_m = new_m
+    # own keys: block-causal over absolute positions, up to the block end of the tile's last query
+    last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, n) - 1
+    kv_end = tl.minimum(n, ((start + last) // BS + 1) * BS - start)
+    for j0 in range(0, kv_end, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        ok = j < kv_end
+        off = (lo_t + j)[:, None] * stride_kt + hk * stride_kh + d[None, :]
+        b_k = tl.load(p_k + off, mask=ok[:, None], other=0.0)
+        b_v = tl.load(p_v + off, mask=ok[:, None], other=0.0)
+        vis = ok[None, :] & (((start + j)[None, :] // BS) <= (q_pos[:, None] // BS))
+        b_s = tl.where(vis, tl.dot(b_q, tl.trans(b_k)) * scale, float("-inf"))
+        new_m = tl.maximum(b_m, tl.max(b_s, axis=1))
+        alpha = tl.exp(b_m - new_m)
+        b_p = tl.exp(b_s - new_m[:, None])
+        b_l = b_l * alpha + tl.sum(b_p, axis=1)
+        b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        b_m = new_m
+    off_o = (lo_t + i)[:, None] * stride_ot + hq * stride_oh + d[None, :]
+    tl.store(p_o + off_o, (b_acc / b_l[:, None]).to(p_o.dtype.element_ty), mask=i_ok[:, None])
+
+
+def prefill_attention(q, k, v, prefix_k, prefix_v, slots, starts, cu, max_len: int, scale: float, block_size: int):
+    """q [T, Hq, D], k/v [T, Hkv, D] packed windows (row r = cu[r]:cu[r+1], first position starts[r], a block
+    boundary); prefix caches [slots, Hkv, S, D]. Returns o [T, Hq, D]."""
+    T, HQ, D = q.shape
+    HKV = k.shape[1]
+    R = slots.numel()
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1 and (D & (D - 1)) == 0
+    out = torch.empty_like(q)
+    if R == 0 or T == 0:
+        return out
+    BLOCK_M = BLOCK_N = 64 if D <= 64 else 32 if q.device.type == "cpu" else 64
+    prefill_attention_fwd_kernel[(R * HQ, triton.cdiv(max_len, BLOCK_M))](
+        q, k, v, prefix_k, prefix_v, out, slots, starts, cu,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
+        prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
+        scale, HQ=HQ, G=HQ // HKV, D=D, BS=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4,
+        num_stages=2)
+    return out

@@ -1,0 +1,91 @@
+"""RMSNorm (+ residual add), SwiGLU, RoPE + KV write, logit statistics: kernels against their references."""
+import pytest
+import torch
+
+from tests.kernels.conftest import DEVICE, DTYPES, assert_close_tiered
+
+from fastdllm_kernels.rms_norm.kernel import add_rms_norm, rms_norm
+from fastdllm_kernels.rms_norm.reference import add_rms_norm_ref, rms_norm_ref
+from fastdllm_kernels.rope.kernel import rope_write
+from fastdllm_kernels.rope.reference import rope_ref, rope_tables
+from fastdllm_kernels.select.kernel import logit_stats
+from fastdllm_kernels.select.reference import logit_stats_ref
+from fastdllm_kernels.swiglu.kernel import swiglu
+from fastdllm_kernels.swiglu.reference import swiglu_ref
+
+
+def _lowp(ref_fn, dtype, *args):
+    """(fp32 reference on upcast inputs, reference in the low precision or None for fp32)."""
+    ref32 = ref_fn(*[a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args])
+    return ref32, (None if dtype == torch.float32 else ref_fn(*args))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T, D", [(1, 64), (7, 96), (13, 1536), (32, 3584)])
+def test_rms_norm(dtype, T, D):
+    x = torch.randn(T, D, device=DEVICE).to(dtype)
+    w = (1 + 0.1 * torch.randn(D, device=DEVICE)).to(dtype)
+    ref32, lowp = _lowp(lambda a, b: rms_norm_ref(a, b, 1e-6), dtype, x, w)
+    assert_close_tiered(rms_norm(x, w, 1e-6), ref32, lowp, "rms_norm", fp32_tol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T, D", [(1, 64), (11, 160), (32, 3584)])
+def test_add_rms_norm_returns_norm_and_sum(dtype, T, D):
+    x, res = torch.randn(T, D, device=DEVICE).to(dtype), torch.randn(T, D, device=DEVICE).to(dtype)
+    w = (1 + 0.1 * torch.randn(D, device=DEVICE)).to(dtype)
+    tri_n, tri_s = add_rms_norm(x, res, w, 1e-6)
+    ref_n, ref_s = add_rms_norm_ref(x, res, w, 1e-6)
+    assert torch.equal(tri_s, ref_s)                     # the sum is rounded exactly where HF rounds it
+    ref32 = rms_norm_ref(ref_s.float(), w.float(), 1e-6)
+    assert_close_tiered(tri_n, ref32, None if dtype == torch.float32 else ref_n, "add_rms_norm", fp32_tol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T, F", [(1, 128), (5, 1000), (32, 4480)])
+def test_swiglu(dtype, T, F):
+    gu = torch.randn(T, 2 * F, device=DEVICE).to(dtype)
+    ref32, lowp = _lowp(swiglu_ref, dtype, gu)
+    assert_close_tiered(swiglu(gu), ref32, lowp, "swiglu", fp32_tol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("HQ, HKV, D", [(4, 2, 32), (28, 4, 128), (12, 2, 128)])
+def test_rope_write_rotates_in_place_and_writes_each_destination(dtype, HQ, HKV, D):
+    T, S, BS, slots_n = 19, 96, 32, 3
+    cos, sin = rope_tables(512, D, 1e6, dtype, DEVICE)
+    pos = torch.randint(0, 300, (T,), device=DEVICE)
+    q = torch.randn(T, HQ, D, device=DEVICE).to(dtype)
+    k = torch.randn(T, HKV, D, device=DEVICE).to(dtype)
+    v = torch.randn(T, HKV, D, device=DEVICE).to(dtype)
+    dest = torch.tensor([0, 1, 2] * 6 + [1], device=DEVICE)
+    slots = torch.randint(0, slots_n, (T,), device=DEVICE)
+    idx = torch.randperm(S, device=DEVICE)[:T]
+    pos = torch.where(dest == 1, idx, pos)               # prefix writes go to distinct positions
+    pk = torch.zeros(slots_n, HKV, S, D, device=DEVICE, dtype=dtype)
+    pv, bk, bv = pk.clone(), torch.zeros(slots_n, HKV, BS, D, device=DEVICE, dtype=dtype), None
+    bv = bk.clone()
+    q_ref, k_ref = rope_ref(q.float(), cos[pos].float(), sin[pos].float()), rope_ref(k.float(), cos[pos].float(), sin[pos].float())
+    q_low, k_low = rope_ref(q, cos[pos], sin[pos]), rope_ref(k, cos[pos], sin[pos])
+    v_in = v.clone()
+    qt, kt = q.clone(), k.clone()
+    rope_write(qt, kt, v, cos, sin, pos, dest, slots, pk, pv, bk, bv)
+    assert_close_tiered(qt, q_ref, None if dtype == torch.float32 else q_low, "rope q", fp32_tol=1e-5)
+    assert_close_tiered(kt, k_ref, None if dtype == torch.float32 else k_low, "rope k", fp32_tol=1e-5)
+    for t in range(T):
+        s, p = int(slots[t]), int(pos[t])
+        if int(dest[t]) == 1:
+            assert torch.equal(pk[s, :, p], kt[t]) and torch.equal(pv[s, :, p], v_in[t])
+        elif int(dest[t]) == 2:
+            assert torch.equal(bk[s, :, p % BS], kt[t]) and torch.equal(bv[s, :, p % BS], v_in[t])
+
+
+@pytest.mark.parametrize("N, V", [(1, 100), (8, 5000), (17, 152064)])
+def test_logit_stats(N, V):
+    x = torch.randn(N, V, device=DEVICE) * 4
+    x[0, V // 3] = x[0, 2 * V // 3] = 100.0              # a tie: the first index wins, as torch.argmax
+    mx, idx, lse = logit_stats(x)
+    rmx, ridx, rlse = logit_stats_ref(x)
+    assert torch.equal(idx, ridx)
+    torch.testing.assert_close(mx, rmx)
+    torch.testing.assert_close(lse, rlse, rtol=1e-5, atol=1e-5)
