@@ -14,10 +14,10 @@ setup(
     version="0.1.0",
     description="Fast-dLLM v2 block-diffusion runtime, Triton kernels and lm-eval bridge",
     python_requires=">=3.10",
-    packages=["fastdllm_rt", "evalbridge", "evalbridge.tasks"] + KERNEL_PACKAGES,
+    packages=["fastdllm_rt", "fastdllm_rt.train", "evalbridge", "evalbridge.tasks"] + KERNEL_PACKAGES,
     package_dir={"fastdllm_kernels": "kernels",
                  **{p: "kernels/" + p.split(".", 1)[1] for p in KERNEL_PACKAGES[1:]}},
-    package_data={"evalbridge.tasks": ["*.yaml", "*.jsonl", "*.py"], "fastdllm_rt": ["small_model/*"]},
+    package_data={"evalbridge.tasks": ["*.yaml", "data/*.jsonl"], "fastdllm_rt": ["small_model/*"]},
     include_package_data=True,
     install_requires=[
         # The CPU wheel used in CI is 2.13.0; the GPU machines carry 2.11 with Triton 3.6.

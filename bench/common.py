@@ -78,6 +78,27 @@ def cuda_time(fn, warmup: int = 5, iters: int = 30) -> dict:
     return {"p50_ms": q(0.5), "p20_ms": q(0.2), "p80_ms": q(0.8)}
 
 
+def graph_time(fn, reps: int = 20, iters: int = 20) -> dict:
+    """GPU time of ``fn`` without host launch overhead: ``reps`` calls captured in one CUDA graph, the replay
+    timed with CUDA events, divided by ``reps``. Falls back to ``cuda_time`` off the GPU."""
+    if DEVICE != "cuda":
+        return cuda_time(fn)
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    t = cuda_time(g.replay, warmup=3, iters=iters)
+    return {k: v / reps for k, v in t.items()}
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def copy_bandwidth_gbs(nbytes: int = 4 << 30) -> float:
     """Device-to-device copy rate counting bytes read + written (METHOD.md's ceiling)."""
     if DEVICE != "cuda":
@@ -89,6 +110,8 @@ def copy_bandwidth_gbs(nbytes: int = 4 << 30) -> float:
 
 
 def matmul_tflops(n: int = 8192) -> float:
+    if DEVICE != "cuda":
+        n = 256
     a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
     t = cuda_time(lambda: a @ b, warmup=3, iters=10)["p50_ms"]

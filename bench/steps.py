@@ -17,7 +17,7 @@ from common import DEVICE, SHAPES, copy_bandwidth_gbs, env_info, cuda_time, hf_m
 
 import fastdllm_rt
 from fastdllm_rt import ReusePolicy
-from fastdllm_rt.batch import Kind, RowRequest, build_batch
+from fastdllm_rt.batch import Kind, RowRequest
 
 IDS = dict(mask_token_id=151665, stop_token_id=151645, pad_token_id=151643)
 
@@ -49,28 +49,29 @@ def hf_steps(fields, sd, prefix):
 
 
 def ours_steps(rt, prefix, policy_layers=12):
-    """Closures for each step kind through the runtime's unified forward (graph-captured on triton)."""
-    runner = rt.step_runner(batch=1, max_len=prefix + 64, reuse=ReusePolicy("last", k=2, subset_size=policy_layers)) \
-        if hasattr(rt, "step_runner") and rt.backend == "triton" else None
-    if runner is not None:
-        return runner.bench_closures(prefix)
-    caches = rt.new_caches(1, prefix + 64, ReusePolicy("last", k=2, subset_size=policy_layers))
-    reuse = rt.reuse_runtime(ReusePolicy("last", k=2, subset_size=policy_layers), caches)
+    """Closures for each step kind through the runtime's Engine, as sampling runs them: on the triton backend a
+    step is a CUDA-graph replay (metadata upload + replay); on torch an eager packed forward."""
+    from fastdllm_rt.engine import Engine
+    from fastdllm_rt.stats import CallStats
+
+    policy = ReusePolicy("last", k=2, subset_size=policy_layers)
+    caches = rt.new_caches(1, prefix + 64, policy)
+    engine = Engine(rt.model, caches, rt.token_ids.mask, use_block_cache=True,
+                    reuse=rt.reuse_runtime(policy, caches), stats=CallStats(num_layers=rt.config.num_hidden_layers))
     slot = caches.alloc()
     ids = torch.randint(0, 150000, (prefix + 32,))
-    rt.model(build_batch([RowRequest(Kind.PREFILL, slot, 0, ids[:prefix])], rt.device, 32), caches)
+    engine.run([RowRequest(Kind.PREFILL, slot, 0, ids[:prefix])])
     block = ids[prefix:]
+    engine.run([RowRequest(Kind.FULL, slot, prefix, block, logits_at=list(range(8)))])
 
-    def fwd(kind, start, toks, skip=False):
-        req = RowRequest(kind, slot, start, toks, logits_at=list(range(8)), skip=skip)
-        rt.model(build_batch([req], rt.device, 32), caches, reuse)
+    def fwd(kind, start, toks, skip=False, logits=8):
+        engine.run([RowRequest(kind, slot, start, toks, logits_at=list(range(logits)), skip=skip)])
 
-    fwd(Kind.FULL, prefix, block)
     return {"full": lambda: fwd(Kind.FULL, prefix, block),
             "sub": lambda: fwd(Kind.SUB, prefix + 8, block[8:16]),
             "sub_skip12": lambda: fwd(Kind.SUB, prefix + 8, block[8:16], skip=True),
             # commit at a fixed position: it rewrites the same prefix slots each time
-            "commit": lambda: fwd(Kind.COMMIT, prefix, block)}
+            "commit": lambda: fwd(Kind.COMMIT, prefix, block, logits=1)}
 
 
 def main():

@@ -51,7 +51,9 @@ def task_datasets(tasks: list[str], include_path=None) -> dict[str, str | None]:
     from lm_eval.tasks import TaskManager
     from lm_eval.tasks._index import Kind
 
-    tm = TaskManager(include_path=include_path)
+    tm = TaskManager(include_path=include_path, include_defaults=False) if include_path else None
+    if tm is None or not all(t in tm.task_index for t in tasks):
+        tm = TaskManager(include_path=include_path)          # lm-eval's whole catalogue (slower to index)
     index = tm.task_index
     out: dict[str, str | None] = {}
     seen: set[str] = set()
@@ -96,6 +98,13 @@ def _cached(dataset: str) -> bool:
     return any(os.path.isdir(c) and os.listdir(c) for c in candidates)
 
 
+def no_token_message(dataset: str) -> str:
+    return (f"{dataset} is gated and no Hugging Face token was found (HF_TOKEN, HUGGING_FACE_HUB_TOKEN, "
+            f"$HF_HOME/token, ~/.huggingface/token). Accept the dataset's terms at "
+            f"https://huggingface.co/datasets/{dataset}, create a read token at "
+            f"https://huggingface.co/settings/tokens, then `export HF_TOKEN=...` or run `huggingface-cli login`.")
+
+
 def check_access(dataset: str, token: str | None, source: str | None) -> str | None:
     """None when the dataset can be read; otherwise the message for the user."""
     url = f"https://huggingface.co/datasets/{dataset}"
@@ -106,10 +115,7 @@ def check_access(dataset: str, token: str | None, source: str | None) -> str | N
                 f"copy was found under HF_HOME. Run once with network access and a token that has access "
                 f"({url}), or point HF_HOME at a cache that holds it.")
     if token is None:
-        return (f"{dataset} is gated and no Hugging Face token was found (HF_TOKEN, HUGGING_FACE_HUB_TOKEN, "
-                f"$HF_HOME/token, ~/.huggingface/token). Accept the dataset's terms at {url}, create a read token at "
-                f"https://huggingface.co/settings/tokens, then `export HF_TOKEN=...` or run "
-                f"`huggingface-cli login`.")
+        return no_token_message(dataset)
     from huggingface_hub import HfApi
     from huggingface_hub import errors as hub_errors
 
@@ -141,3 +147,36 @@ def preflight(tasks: list[str], include_path=None) -> list[GatedProblem]:
         if verdict[dataset]:
             problems.append(GatedProblem(task, dataset, verdict[dataset]))
     return problems
+
+
+def main(argv=None) -> int:
+    """``python -m evalbridge.gated --tasks a,b [--include_path DIR] [--check-access]``: exit 2 with a message
+    when a selected task needs a gated dataset and no token resolves (or, with --check-access, when the token
+    has no access). Used by sbatch/run.sh before it submits anything; never prints the token."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m evalbridge.gated")
+    ap.add_argument("--tasks", required=True)
+    ap.add_argument("--include_path")
+    ap.add_argument("--check-access", action="store_true")
+    args = ap.parse_args(argv)
+    from .__main__ import TASKS_DIR, _include_path
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    include = _include_path(args.include_path)
+    if args.check_access:
+        problems = preflight(tasks, include)
+    else:
+        wanted = gated_datasets()
+        needs = {t: d for t, d in task_datasets(tasks, include or TASKS_DIR).items() if d in wanted}
+        token, _ = resolve_token()
+        problems = [] if (token or not needs) else [
+            GatedProblem(t, d, no_token_message(d)) for t, d in sorted(needs.items())]
+    for p in problems:
+        print(f"[fastdllm] task {p.task} needs the gated dataset {p.dataset}: {p.message}", file=sys.stderr)
+    return 2 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

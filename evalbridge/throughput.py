@@ -6,6 +6,7 @@ host clock; the runtime's own counters (forwards by kind, tokens, layer evaluati
 are merged per type. On CPU there is no device clock and the report says so."""
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 
@@ -26,6 +27,8 @@ class _Entry:
 
 
 class Throughput:
+    _capture_open = False
+
     def __init__(self, device: torch.device, num_layers: int):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
@@ -36,6 +39,9 @@ class Throughput:
 
     @contextmanager
     def timing(self, request_type: str):
+        if self.cuda and os.environ.get("FASTDLLM_PROFILE") == "1" and not Throughput._capture_open:
+            torch.cuda.profiler.start()      # nsys --capture-range=cudaProfilerApi: the timed region begins
+            Throughput._capture_open = True
         entry = self.entries.setdefault(request_type, _Entry(self.num_layers))
         start = end = None
         if self.cuda:

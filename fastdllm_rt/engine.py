@@ -13,6 +13,7 @@ import torch
 
 from .batch import Kind, RowRequest, build_batch, shifted_sources
 from .errors import NumericsError
+from .profiling import forward_name, named_range
 from .stats import CallStats, ForwardTimer
 
 class BlockState:
@@ -61,8 +62,9 @@ class Engine:
     """Builds each step's packed forward from row states, runs it, and keeps the call's counters."""
 
     def __init__(self, model, caches, mask_id: int, *, use_block_cache: bool, sub_size: int = 8, reuse=None,
-                 stats: CallStats):
+                 stats: CallStats, max_tokens: int | None = None):
         self.model = model
+        self.max_tokens = max_tokens or (16384 if model.device.type == "cuda" else 4096)
         self.sub_size = sub_size
         self.caches = caches
         self.mask_id = mask_id
@@ -109,13 +111,36 @@ class Engine:
 
     # ---- running -----------------------------------------------------------------------------------------
     def run(self, requests: list[RowRequest]):
-        """One forward over all requests; returns (fp32 logits, batch)."""
+        """One forward over all requests (several when they hold more than ``max_tokens`` tokens, e.g. a large
+        prefill, so activation memory stays bounded); returns (fp32 logits, object with ``logits_rows``)."""
+        if sum(r.tokens.numel() for r in requests) > self.max_tokens and len(requests) > 1:
+            parts, chunk, size = [], [], 0
+            for i, r in enumerate(requests):
+                n = r.tokens.numel()
+                if chunk and size + n > self.max_tokens:
+                    parts.append(chunk)
+                    chunk, size = [], 0
+                chunk.append(i)
+                size += n
+            parts.append(chunk)
+            logits, rows, offset = [], [None] * len(requests), 0
+            for idx in parts:
+                lg, b = self._run([requests[i] for i in idx])
+                for (j, lo, hi), i in zip(b.logits_rows, idx):
+                    rows[i] = (i, offset + lo, offset + hi)
+                logits.append(lg)
+                offset += lg.shape[0]
+            return torch.cat(logits), _Rows(rows)
+        return self._run(requests)
+
+    def _run(self, requests: list[RowRequest]):
         self.timer.start()
-        if self.graphs is not None:
-            logits, batch = self.graphs.forward(requests, self.block_size)
-        else:
-            batch = build_batch(requests, self.device, self.block_size)
-            logits = self.model(batch, self.caches, self.reuse)
+        with named_range(forward_name(requests), self.device):
+            if self.graphs is not None:
+                logits, batch = self.graphs.forward(requests, self.block_size)
+            else:
+                batch = build_batch(requests, self.device, self.block_size)
+                logits = self.model(batch, self.caches, self.reuse)
         self.timer.stop()
         st = self.stats
         st.model_calls += 1
@@ -133,6 +158,11 @@ class Engine:
         st.layers_skipped = list(self.model.layer_rows_skipped)
         st.device = str(self.device)
         return st
+
+
+class _Rows:
+    def __init__(self, logits_rows):
+        self.logits_rows = logits_rows
 
 
 def check_finite(flag: torch.Tensor, what: str) -> None:

@@ -12,7 +12,7 @@ HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 SEED = 1
 SIZES = {"arith": (200, 20), "mc_letter": (200, 20), "mc_text": (200, 20), "prose": (40, 0)}
 KEEP = {"arith": ("question", "answer", "target"), "mc_letter": ("question", "choices", "gold", "prompt"),
-        "mc_text": ("question", "choices", "gold"), "prose": ("text",)}
+        "mc_text": ("question", "choices", "gold", "prompt"), "prose": ("text",)}
 
 
 def main():

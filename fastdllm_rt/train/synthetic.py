@@ -2,7 +2,8 @@
 
 * ``arith``     GSM8K-style word problems ending in ``#### N`` (generation, exact match);
 * ``mc_letter`` MMLU-style multiple choice answered with one letter (`` A`` ... `` D``);
-* ``mc_text``   multiple choice whose choices are several tokens long (numbers and words);
+* ``mc_text``   multiple choice whose choices are several tokens long (numbers and words), listed in the
+                prompt and scored as continuations;
 * ``prose``     short documents for rolling log-likelihood (perplexity).
 
 Every example is a pure function of ``(task, seed, index)``. The held-out split is every example whose
@@ -25,7 +26,7 @@ CATEGORIES = {
     "tool": ["hammer", "saw", "wrench", "drill", "shovel", "rake", "chisel", "ladder", "needle", "axe"],
 }
 LETTERS = "ABCD"
-TASKS = ("arith", "mc_letter", "mc_text", "prose", "mc_lookup")
+TASKS = ("arith", "mc_letter", "mc_text", "prose", "mc_lookup", "mc_recall")
 
 
 def _rng(task: str, seed: int, index: int) -> random.Random:
@@ -60,9 +61,13 @@ def _distractors(rng, answer: int, n: int = 3) -> list[int]:
     return rng.sample(pool, n)
 
 
-def _mc_question(rng):
-    """(question, options, correct option index)."""
-    kind = rng.choice(("sum", "diff", "largest", "smallest", "category"))
+MC_KINDS = ("largest", "smallest", "category")
+
+
+def _mc_question(rng, kinds=MC_KINDS):
+    """(question, options, correct option index). Multiple choice asks what one step of reading decides
+    (compare four numbers, recognise a category); arithmetic is the generation task's job."""
+    kind = rng.choice(kinds)
     if kind in ("sum", "diff"):
         a, b = rng.randint(10, 99), rng.randint(10, 99)
         if kind == "diff":
@@ -101,7 +106,7 @@ def make_example(task: str, seed: int, index: int) -> dict:
         return {"question": q, "choices": opts, "gold": gold, "prompt": prompt, "response": " " + LETTERS[gold]}
     if task == "mc_text":
         q, opts, gold = _mc_question(rng)
-        prompt = f"Question: {q}\nAnswer:"
+        prompt = f"Question: {q}\nOptions: {', '.join(opts)}\nAnswer:"
         return {"question": q, "choices": opts, "gold": gold, "prompt": prompt, "response": " " + opts[gold]}
     if task == "mc_lookup":
         # training-only auxiliary skill for mc_letter: find the letter of a given option
@@ -109,6 +114,14 @@ def make_example(task: str, seed: int, index: int) -> dict:
         body = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(opts))
         prompt = f"{body}\nWhich letter is {opts[gold]}?\nAnswer:"
         return {"choices": opts, "gold": gold, "prompt": prompt, "response": " " + LETTERS[gold]}
+    if task == "mc_recall":
+        # training-only: the forward direction of the lookup (find "C." and copy what follows), which forms
+        # the induction-style attention that the letter lookup needs
+        _, opts, _ = _mc_question(rng)
+        k = rng.randrange(4)
+        body = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(opts))
+        prompt = f"{body}\nWhat is option {LETTERS[k]}?\nAnswer:"
+        return {"choices": opts, "gold": k, "prompt": prompt, "response": " " + opts[k]}
     if task == "prose":
         q, sol, _ = _word_problem(rng)
         text = f"{q} {sol.splitlines()[0]}"
@@ -130,7 +143,7 @@ def split(task: str, seed: int, n: int, held_out: bool, start: int = 0) -> list[
 
 def training_stream(seed: int, weights=None):
     """Endless training examples, tasks mixed by ``weights`` (task -> weight)."""
-    weights = weights or {"arith": 3, "mc_letter": 4, "mc_text": 2, "mc_lookup": 2, "prose": 1}
+    weights = weights or {"arith": 2, "mc_letter": 4, "mc_text": 2, "mc_lookup": 3, "mc_recall": 2, "prose": 1}
     rng = random.Random(seed)
     counters = {t: 0 for t in weights}
     tasks, w = list(weights), list(weights.values())

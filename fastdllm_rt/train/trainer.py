@@ -38,11 +38,11 @@ class TrainConfig:
     vocab: int = 512
     steps: int = 20000
     minutes: float = 0.0             # wall-clock budget (schedule fitted to it); 0 = run all steps
-    batch_size: int = 512
+    batch_size: int = 256
     seq_len: int = 64                # static length: every synthetic example fits; lets the step be graphed
     cuda_graph: bool = True
     mix: str = ""                    # task weights, e.g. "arith=3,mc_letter=4"; empty = the default mixture
-    lr: float = 1.5e-3
+    lr: float = 2e-3
     warmup: int = 200
     weight_decay: float = 0.1
     seed: int = 0

@@ -25,7 +25,8 @@ def decode_attention_fwd_kernel(
         stride_ps, stride_ph, stride_pn, stride_bs, stride_bh, stride_bn,
         scale, CHUNK,
         HKV: tl.constexpr, G: tl.constexpr, NQ: tl.constexpr, D: tl.constexpr, TAIL: tl.constexpr,
-        M_TILES: tl.constexpr, SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        M_TILES: tl.constexpr, SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_PREC: tl.constexpr):
     pid_rh = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -60,13 +61,13 @@ def decode_attention_fwd_kernel(
             tl.load(p_bk + off_tail, mask=in_tail[:, None], other=0.0)                  # [BLOCK_N, D]
         b_v = tl.load(p_pv + off_pre, mask=in_pre[:, None], other=0.0) + \
             tl.load(p_bv + off_tail, mask=in_tail[:, None], other=0.0)
-        b_s = tl.dot(b_q, tl.trans(b_k)) * scale                                        # [BLOCK_M, BLOCK_N]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * scale                # [BLOCK_M, BLOCK_N]
         b_s = tl.where((j < hi)[None, :], b_s, float("-inf"))
         new_m = tl.maximum(b_m, tl.max(b_s, axis=1))
         alpha = tl.exp(b_m - new_m)
         b_p = tl.exp(b_s - new_m[:, None])
         b_l = b_l * alpha + tl.sum(b_p, axis=1)
-        b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PREC)
         b_m = new_m
     if SPLITS == 1:
         off_o = (qstart + i)[:, None] * stride_ot + (h * G + g)[:, None] * stride_oh + d[None, :]
@@ -111,6 +112,11 @@ def decode_attention_combine_kernel(
     tl.store(p_o + off_o, (b_acc / b_l[:, None]).to(p_o.dtype.element_ty), mask=m_ok[:, None])
 
 
+def _dot_precision(q) -> str:
+    """fp32 inputs get exact fp32 dots (Triton's default for fp32 is TF32 on NVIDIA GPUs)."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
 def decode_plan(rows: int, kv_heads: int, group: int, n_q: int, max_keys: int, num_sms: int = 132,
                 block_m: int = 64, block_n: int = 64):
     """Static launch shape for a decode call: tiles of ``block_m`` packed query rows and enough key splits
@@ -150,7 +156,7 @@ def decode_attention(q, prefix_k, prefix_v, block_k, block_v, slots, prefix_lens
         prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
         block_k.stride(0), block_k.stride(1), block_k.stride(2),
         scale, chunk, HKV=HKV, G=G, NQ=n_q, D=D, TAIL=TAIL, M_TILES=m_tiles, SPLITS=splits,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2)
+        BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=_dot_precision(q), num_warps=4, num_stages=2)
     if splits > 1:
         decode_attention_combine_kernel[(R * HKV, m_tiles)](
             out, acc, ml, q_starts, out.stride(0), out.stride(1), HKV=HKV, G=G, NQ=n_q, D=D, M_TILES=m_tiles,
@@ -163,7 +169,7 @@ def prefill_attention_fwd_kernel(
         p_q, p_k, p_v, p_pk, p_pv, p_o, p_slot, p_start, p_cu,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_ps, stride_ph, stride_pn,
         scale, HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     pid = tl.program_id(0)
     pid_m = tl.program_id(1)
     r = (pid // HQ).to(tl.int64)
@@ -191,12 +197,13 @@ def prefill_attention_fwd_kernel(
         off = slot * stride_ps + hk * stride_ph + j[:, None] * stride_pn + d[None, :]
         b_k = tl.load(p_pk + off, mask=ok[:, None], other=0.0)
         b_v = tl.load(p_pv + off, mask=ok[:, None], other=0.0)
-        b_s = tl.where(ok[None, :], tl.dot(b_q, tl.trans(b_k.to(b_q.dtype))) * scale, float("-inf"))
+        b_s = tl.where(ok[None, :], tl.dot(b_q, tl.trans(b_k.to(b_q.dtype)), input_precision=DOT_PREC) * scale,
+                       float("-inf"))
         new_m = tl.maximum(b_m, tl.max(b_s, axis=1))
         alpha = tl.exp(b_m - new_m)
         b_p = tl.exp(b_s - new_m[:, None])
         b_l = b_l * alpha + tl.sum(b_p, axis=1)
-        b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_q.dtype), b_v.to(b_q.dtype))
+        b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_q.dtype), b_v.to(b_q.dtype), input_precision=DOT_PREC)
         b_m = new_m
     # own keys: block-causal over absolute positions, up to the block end of the tile's last query
     last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, n) - 1
@@ -208,12 +215,12 @@ def prefill_attention_fwd_kernel(
         b_k = tl.load(p_k + off, mask=ok[:, None], other=0.0)
         b_v = tl.load(p_v + off, mask=ok[:, None], other=0.0)
         vis = ok[None, :] & (((start + j)[None, :] // BS) <= (q_pos[:, None] // BS))
-        b_s = tl.where(vis, tl.dot(b_q, tl.trans(b_k)) * scale, float("-inf"))
+        b_s = tl.where(vis, tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * scale, float("-inf"))
         new_m = tl.maximum(b_m, tl.max(b_s, axis=1))
         alpha = tl.exp(b_m - new_m)
         b_p = tl.exp(b_s - new_m[:, None])
         b_l = b_l * alpha + tl.sum(b_p, axis=1)
-        b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PREC)
         b_m = new_m
     off_o = (lo_t + i)[:, None] * stride_ot + hq * stride_oh + d[None, :]
     tl.store(p_o + off_o, (b_acc / b_l[:, None]).to(p_o.dtype.element_ty), mask=i_ok[:, None])
@@ -234,6 +241,6 @@ def prefill_attention(q, k, v, prefix_k, prefix_v, slots, starts, cu, max_len: i
         q, k, v, prefix_k, prefix_v, out, slots, starts, cu,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
         prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
-        scale, HQ=HQ, G=HQ // HKV, D=D, BS=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4,
-        num_stages=2)
+        scale, HQ=HQ, G=HQ // HKV, D=D, BS=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        DOT_PREC=_dot_precision(q), num_warps=4, num_stages=2)
     return out

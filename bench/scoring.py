@@ -1,0 +1,127 @@
+"""MMLU-like scoring throughput (issue 8): random bf16 weights at the released shapes; 512 questions, each a
+five-shot-sized context of 500-900 random tokens (no prefix shared between questions) and four one-token
+choices.
+
+Ours: ``rt.score`` (trajectory, block cache off as the bridge's default; batch size auto). Baseline: the
+original evaluation path, one plain block-causal forward per request with all logits, one request at a time
+(HF modules, eager), timed on the first ``--orig-questions`` questions. Also checks that batched scores equal
+the unbatched scorer's within the bf16 tier (trajectory and first_token) on a subset, and reports achieved
+TFLOP/s (2 x non-embedding parameters x context tokens) against the measured bf16 matmul rate.
+
+    python bench/scoring.py --shapes 7B,1.5B [--questions 512] [--orig-questions 16]
+"""
+import argparse
+import gc
+import time
+
+import torch
+
+from common import DEVICE, sync, SHAPES, block_causal_additive, hf_model, matmul_tflops, random_state_dict, record
+
+import fastdllm_rt
+
+IDS = dict(mask_token_id=151665, stop_token_id=151645, pad_token_id=151643)
+
+
+def workload(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(500, 901, (n,), generator=g).tolist()
+    qs = []
+    for L in lens:
+        ctx = torch.randint(0, 150000, (L,), generator=g).tolist()
+        choices = torch.randint(0, 150000, (4,), generator=g).tolist()
+        qs.append((ctx, choices))
+    return qs
+
+
+def requests_of(qs):
+    return [(ctx, [c]) for ctx, choices in qs for c in choices]
+
+
+def original(model, qs, mask_id=151665, eos=151645):
+    """spec §4.2, one request at a time."""
+    out = []
+    with torch.no_grad():
+        for ctx, choices in qs:
+            for c in choices:
+                seq = ctx + [c]
+                n = len(seq)
+                x = seq + [mask_id] * ((n // 32 + 1) * 32 - n)
+                x[len(ctx)] = mask_id
+                x[n] = eos
+                t = torch.tensor([x], device=DEVICE)
+                logits = model(input_ids=t, attention_mask=block_causal_additive(len(x), len(x))).logits
+                out.append(float(torch.log_softmax(logits[0, len(ctx) - 1].float(), -1)[c]))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="7B,1.5B")
+    ap.add_argument("--questions", type=int, default=512)
+    ap.add_argument("--orig-questions", type=int, default=16)
+    ap.add_argument("--check-questions", type=int, default=16)
+    ap.add_argument("--backend", default="triton")
+    args = ap.parse_args()
+    command = "python bench/scoring.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
+    peak = matmul_tflops()
+    record("ceilings", metric="bf16_matmul_TFLOPs", value=peak, command=command)
+    qs = workload(args.questions)
+    ctx_tokens = sum(len(c) for c, _ in qs)
+    table = []
+    for shape in args.shapes.split(","):
+        fields = SHAPES[shape]
+        sd = random_state_dict(fields)
+        n_params = sum(t.numel() for k, t in sd.items() if k != "model.embed_tokens.weight")
+        if args.orig_questions:
+            model = hf_model(fields, sd)
+            sub = qs[:args.orig_questions]
+            original(model, sub[:1])
+            sync()
+            t0 = time.perf_counter()
+            original(model, sub)
+            sync()
+            dt = time.perf_counter() - t0
+            table.append(record("scoring", shape=shape, provider="original", questions=len(sub), seconds=dt,
+                                questions_per_s=len(sub) / dt, command=command))
+            del model
+            gc.collect()
+            torch.cuda.empty_cache()
+        rt = fastdllm_rt.from_state_dict(fields, sd, dtype="bf16", backend=args.backend, **IDS)
+        reqs = requests_of(qs)
+        for scoring in ("trajectory", "first_token"):
+            kw = dict(scoring=scoring, use_block_cache=False)
+            rt.score(requests_of(qs[:8]), **kw)                        # warm-up: kernels, graphs
+            sync()
+            t0 = time.perf_counter()
+            res = rt.score(reqs, **kw)
+            sync()
+            dt = time.perf_counter() - t0
+            check = requests_of(qs[:args.check_questions])
+            batched = res.loglikelihoods[:len(check)]
+            single = [rt.score([r], **kw).loglikelihoods[0] for r in check]
+            a, b = torch.tensor(batched), torch.tensor(single)
+            diff = float((a - b).abs().max())
+            rel_rms = float((a - b).norm() / b.norm())
+            tflops = 2 * n_params * ctx_tokens / dt / 1e12
+            table.append(record(
+                "scoring", shape=shape, provider=f"ours-{args.backend}", scoring=scoring, questions=len(qs),
+                seconds=dt, questions_per_s=len(qs) / dt, context_tokens=ctx_tokens,
+                context_tokens_per_s=ctx_tokens / dt, achieved_TFLOPs=tflops, matmul_peak_TFLOPs=peak,
+                fraction_of_peak=tflops / peak, row_forwards=res.stats.row_forwards,
+                max_abs_diff_batched_vs_unbatched=diff, rel_rms_batched_vs_unbatched=rel_rms,
+                within_bf16_tier=rel_rms < 5e-3, notes=res.stats.notes,
+                command=command))
+        del rt, sd
+        gc.collect()
+        torch.cuda.empty_cache()
+    print(f"bf16 matmul peak {peak:.0f} TFLOP/s")
+    print(f"{'shape':5} {'provider':14} {'scoring':12} {'q/s':>8} {'TFLOP/s':>8} {'%peak':>6} {'batched-single':>14}")
+    for r in table:
+        print(f"{r['shape']:5} {r['provider']:14} {r.get('scoring', '-'):12} {r['questions_per_s']:8.1f} "
+              f"{r.get('achieved_TFLOPs', float('nan')):8.1f} {100 * r.get('fraction_of_peak', float('nan')):6.1f} "
+              f"{r.get('max_abs_diff_batched_vs_unbatched', float('nan')):14.2e}")
+
+
+if __name__ == "__main__":
+    main()
