@@ -39,6 +39,15 @@ class Caches:
         self._free = list(range(num_slots - 1, -1, -1))
         self._runners = {}
 
+    def close(self) -> None:
+        """Free the tensors and captured graphs now (graphs reference these caches, so plain reference
+        counting would keep both alive until the next garbage collection)."""
+        for runner in self._runners.values():
+            runner.close()
+        self._runners.clear()
+        self.prefix_k = self.prefix_v = self.block_k = self.block_v = None
+        self.reuse = {}
+
     def reset(self) -> None:
         """Hand every slot back (the contents stay; every reader writes before it reads)."""
         self._free = list(range(self.num_slots - 1, -1, -1))

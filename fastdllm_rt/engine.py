@@ -80,7 +80,7 @@ class Engine:
         model.reset_counters()
 
     # ---- requests ----------------------------------------------------------------------------------------
-    def denoise_request(self, row: BlockState) -> RowRequest:
+    def denoise_request(self, row: BlockState, targets: list[int] | None = None) -> RowRequest:
         """The original's choice (spec §3.2): a sub-block forward when the block cache is valid and the
         sub-block's first position is decoded, else a full-block forward. Logits cover the sub-block's 8
         target positions through the token shift."""
@@ -88,7 +88,7 @@ class Engine:
         assert s is not None, "denoise_request on a row with nothing pending"
         n = self.sub_size
         r = s * n
-        targets = range(r, r + n)
+        targets = range(r, r + n) if targets is None else targets
         if self.use_block_cache and row.block_cache_valid and row.block[r] != self.mask_id:
             skip = self.reuse is not None and self.reuse.should_skip_step(row.step)
             return RowRequest(Kind.SUB, row.slot, row.block_start + r, torch.tensor(row.block[r:r + n]),

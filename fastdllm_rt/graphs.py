@@ -16,6 +16,7 @@ import torch
 from .batch import Kind, pack_batch, upload
 
 GRAPHABLE = {Kind.FULL, Kind.SUB, Kind.COMMIT}
+MAX_GRAPH_TOKENS = 2048         # larger steps are GPU-bound: launch overhead no longer matters
 
 
 class _Captured:
@@ -35,7 +36,8 @@ class GraphRunner:
         packed = pack_batch(requests, block_size)
         kinds = {kind for kind, *_ in packed.layout}
         sig = packed.signature
-        if not kinds <= GRAPHABLE or (sig not in self.graphs and len(self.graphs) >= self.max_graphs):
+        if (not kinds <= GRAPHABLE or packed.T > MAX_GRAPH_TOKENS
+                or (sig not in self.graphs and len(self.graphs) >= self.max_graphs)):
             batch = upload(packed, self.model.device)
             return self.model(batch, self.caches, self.reuse), batch
         cap = self.graphs.get(sig)
@@ -50,6 +52,10 @@ class GraphRunner:
             m.layer_rows_computed[i] += c
             m.layer_rows_skipped[i] += s
         return cap.logits.clone(), batch
+
+    def close(self) -> None:
+        self.graphs.clear()
+        self.caches = None
 
     def _capture(self, packed) -> _Captured:
         m = self.model

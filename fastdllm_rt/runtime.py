@@ -4,6 +4,7 @@ Every call validates its inputs and reuse policy before any model work, and retu
 """
 from __future__ import annotations
 
+import gc
 import logging
 
 import torch
@@ -28,7 +29,6 @@ class Runtime:
         self.token_ids = token_ids
         self.folder = folder
         self.backend = backend
-        self._warned_backoff = False
         self._caches: Caches | None = None
 
     @property
@@ -55,12 +55,19 @@ class Runtime:
         if self._caches is not None and self._caches.fits(num_slots, max_len, layers, mode):
             self._caches.reset()
             return self._caches
-        self._caches = None
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self.release_caches()
         self._caches = Caches(self.config, num_slots, max_len, self.dtype, self.device, reuse_layers=layers,
                               reuse_mode=mode)
         return self._caches
+
+    def release_caches(self) -> None:
+        """Free the pooled caches and their CUDA graphs (before allocating larger ones, or to give memory back)."""
+        if self._caches is not None:
+            self._caches.close()
+            self._caches = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def reuse_runtime(self, policy: ReusePolicy | None, caches: Caches):
         if policy is None or not policy.active:
@@ -202,19 +209,19 @@ class Runtime:
     def _score_chunk(self, requests, ids, ll, greedy, stats, **kw):
         try:
             self._score_ids(requests, ids, ll, greedy, stats, **kw)
+            return
         except torch.cuda.OutOfMemoryError:
             if len(ids) == 1:
                 raise
-            torch.cuda.empty_cache()
-            half = len(ids) // 2
-            if not self._warned_backoff:
-                log.warning("scoring %d requests at once did not fit in GPU memory; retrying in smaller chunks "
-                            "(%d, then smaller if needed)", len(ids), half)
-                stats.notes.append(f"scoring batch backed off from {len(ids)} requests after running out of "
-                                   f"GPU memory")
-                self._warned_backoff = True
-            self._score_chunk(requests, ids[:half], ll, greedy, stats, **kw)
-            self._score_chunk(requests, ids[half:], ll, greedy, stats, **kw)
+        # outside the except block: the failed attempt's frames (and their tensors) are gone now
+        self.release_caches()
+        half = len(ids) // 2
+        if not any(n.startswith("scoring batch backed off") for n in stats.notes):     # once per call
+            log.warning("scoring %d requests at once did not fit in GPU memory; retrying in smaller chunks "
+                        "(%d, then smaller if needed)", len(ids), half)
+            stats.notes.append(f"scoring batch backed off from {len(ids)} requests after running out of GPU memory")
+        self._score_chunk(requests, ids[:half], ll, greedy, stats, **kw)
+        self._score_chunk(requests, ids[half:], ll, greedy, stats, **kw)
 
     def _score_ids(self, requests, ids, ll, greedy, stats, *, scoring, policy, use_block_cache, threshold, reveal,
                    sub_size):

@@ -140,10 +140,12 @@ class TrajectoryScorer:
             return req, ([(0, st.block_start)] if scores else [])
         if node.phase == "commit":
             return self.engine.commit_request(st), [(0, st.block_start + bs)]
-        req = self.engine.denoise_request(st)
-        r = st.sub * self.sub_size
-        positions = [(j, st.block_start + r + j) for j in range(self.sub_size) if st.pending[r + j]]
-        return req, positions[:1] if self.reveal == "one" else positions
+        r = st.current_sub() * self.sub_size
+        offsets = [r + j for j in range(self.sub_size) if st.pending[r + j]]
+        if self.reveal == "one":
+            offsets = offsets[:1]                  # project only the row this step reads
+        req = self.engine.denoise_request(st, targets=offsets)
+        return req, [(k, st.block_start + off) for k, off in enumerate(offsets)]
 
     # ---- advancing ---------------------------------------------------------------------------------------
     def _advance(self, node: _Node, req: RowRequest, positions, picks) -> list[_Node]:

@@ -3,7 +3,8 @@
 ``decode_attention`` serves the three decode kinds. For a block-aligned 32-token window (full-block, commit)
 and for an 8-token sub-block window, every query sees every key: the row's prefix cache ``[0, L)`` followed,
 when ``has_tail``, by the 32 keys of its block cache (spec §2.3-2.4; the window's fresh K/V are written to
-the caches before the call). The G query heads that share a KV head and the window's queries are packed into
+the caches before the call). Split and tile counts are runtime arguments, so batches of any size share one
+compiled kernel per head layout. The G query heads that share a KV head and the window's queries are packed into
 one tile of ``G * n`` rows, so each K/V tile is loaded once for all of them, and the key range is split
 across programs (flash-decoding) with a second kernel combining the partial softmaxes. Lengths are read on
 the device, and the grid depends only on the cache size, so the call can be captured in a CUDA graph.
@@ -17,16 +18,17 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# row counts and split sizes change from batch to batch: keep them unspecialised so that a new batch size does
+# not compile a new kernel (Triton otherwise specialises integers equal to 1 or divisible by 16)
+@triton.jit(do_not_specialize=["CHUNK", "M_TILES", "SPLITS"])
 def decode_attention_fwd_kernel(
         p_q, p_pk, p_pv, p_bk, p_bv, p_o, p_acc, p_ml,
         p_slot, p_plen, p_tail, p_qstart,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_ps, stride_ph, stride_pn, stride_bs, stride_bh, stride_bn,
-        scale, CHUNK,
+        scale, CHUNK, M_TILES, SPLITS,
         HKV: tl.constexpr, G: tl.constexpr, NQ: tl.constexpr, D: tl.constexpr, TAIL: tl.constexpr,
-        M_TILES: tl.constexpr, SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_PREC: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     pid_rh = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -80,11 +82,10 @@ def decode_attention_fwd_kernel(
         tl.store(p_ml + base * 2 * BLOCK_M + BLOCK_M + rows, b_l)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M_TILES", "SPLITS"])
 def decode_attention_combine_kernel(
-        p_o, p_acc, p_ml, p_qstart, stride_ot, stride_oh,
-        HKV: tl.constexpr, G: tl.constexpr, NQ: tl.constexpr, D: tl.constexpr,
-        M_TILES: tl.constexpr, SPLITS: tl.constexpr, BLOCK_M: tl.constexpr):
+        p_o, p_acc, p_ml, p_qstart, stride_ot, stride_oh, M_TILES, SPLITS,
+        HKV: tl.constexpr, G: tl.constexpr, NQ: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr):
     pid_rh = tl.program_id(0)
     pid_m = tl.program_id(1)
     r = (pid_rh // HKV).to(tl.int64)
@@ -155,12 +156,12 @@ def decode_attention(q, prefix_k, prefix_v, block_k, block_v, slots, prefix_lens
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
         block_k.stride(0), block_k.stride(1), block_k.stride(2),
-        scale, chunk, HKV=HKV, G=G, NQ=n_q, D=D, TAIL=TAIL, M_TILES=m_tiles, SPLITS=splits,
+        scale, chunk, m_tiles, splits, HKV=HKV, G=G, NQ=n_q, D=D, TAIL=TAIL,
         BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=_dot_precision(q), num_warps=4, num_stages=2)
     if splits > 1:
         decode_attention_combine_kernel[(R * HKV, m_tiles)](
-            out, acc, ml, q_starts, out.stride(0), out.stride(1), HKV=HKV, G=G, NQ=n_q, D=D, M_TILES=m_tiles,
-            SPLITS=splits, BLOCK_M=block_m, num_warps=4)
+            out, acc, ml, q_starts, out.stride(0), out.stride(1), m_tiles, splits, HKV=HKV, G=G, NQ=n_q, D=D,
+            BLOCK_M=block_m, num_warps=4)
     return out
 
 

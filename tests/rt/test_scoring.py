@@ -111,7 +111,7 @@ def test_threshold_reveal_scores_parallel_unmasking_and_one_reveal_is_the_defaul
     one = rt.score(reqs, use_block_cache=False)
     thr = rt.score(reqs, use_block_cache=False, reveal="threshold", threshold=0.5)
     strict = rt.score(reqs, use_block_cache=False, reveal="threshold", threshold=1.0)
-    assert strict.loglikelihoods == one.loglikelihoods
+    assert strict.loglikelihoods == pytest.approx(one.loglikelihoods, rel=1e-6)
     assert thr.stats.total_row_forwards <= one.stats.total_row_forwards
 
 
@@ -150,3 +150,27 @@ def test_first_token_refuses_a_reuse_policy(pair):
     rt, _ = pair
     with pytest.raises(fastdllm_rt.PolicyError, match="first_token"):
         rt.score(REQUESTS[:1], scoring="first_token", reuse=ReusePolicy("first", k=2))
+
+
+@pytest.mark.parametrize("scoring", ["trajectory", "first_token"])
+def test_a_chunk_that_runs_out_of_memory_is_retried_smaller_and_logged_once(pair, scoring, monkeypatch, caplog):
+    """Issue 8 acceptance 4: the OOM is simulated (CPU has none): any chunk of more than 4 requests fails."""
+    rt, _ = pair
+    want = rt.score(REQUESTS, scoring=scoring, batch_size=64)
+    real, sizes, released = rt._score_ids, [], []
+
+    def flaky(requests, ids, *a, **kw):
+        sizes.append(len(ids))
+        if len(ids) > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(requests, ids, *a, **kw)
+
+    monkeypatch.setattr(rt, "_score_ids", flaky)
+    monkeypatch.setattr(rt, "release_caches", lambda: released.append(True))
+    with caplog.at_level("WARNING", logger="fastdllm_rt"):
+        got = rt.score(REQUESTS, scoring=scoring, batch_size=64)
+    assert got.loglikelihoods == pytest.approx(want.loglikelihoods, rel=1e-6, abs=1e-6)
+    assert got.is_greedy == want.is_greedy
+    assert sizes[0] == len(REQUESTS) and max(s for s in sizes if s <= 4) <= 4 and released
+    assert len([r for r in caplog.records if "did not fit in GPU memory" in r.getMessage()]) == 1
+    assert any("backed off" in n for n in got.stats.notes)

@@ -1,0 +1,78 @@
+"""Where a decode step's GPU time goes: one 7B full-block step (prefix 2048, batch 1, triton backend) run
+under the torch profiler, kernel times summed by category (matmul, attention, RoPE+KV write, norms, SwiGLU,
+other) against the weight-read floor.
+
+    python bench/step_profile.py [--shape 7B]
+"""
+import argparse
+import collections
+
+import torch
+
+from common import SHAPES, copy_bandwidth_gbs, random_state_dict, record, weight_bytes
+
+import fastdllm_rt
+from fastdllm_rt.batch import Kind, RowRequest
+from fastdllm_rt.engine import Engine
+from fastdllm_rt.stats import CallStats
+
+CATS = [("attention", ("decode_attention", "prefill_attention")), ("rope_kv_write", ("rope_write",)),
+        ("norms", ("rms_norm",)), ("swiglu", ("swiglu",)), ("logit_stats", ("logit_stats",)),
+        ("matmul", ("gemm", "nvjet", "cutlass", "sm90", "xmma", "splitk", "gemv", "Kernel2"))]
+
+
+def category(name):
+    for cat, keys in CATS:
+        if any(k in name for k in keys):
+            return cat
+    return "other"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="7B")
+    ap.add_argument("--prefix", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=10)
+    args = ap.parse_args()
+    fields = SHAPES[args.shape]
+    sd = random_state_dict(fields)
+    step_bytes = weight_bytes(sd, include_embedding=fields["tie_word_embeddings"])
+    bw = copy_bandwidth_gbs()
+    rt = fastdllm_rt.from_state_dict(fields, sd, dtype="bf16", backend="triton", mask_token_id=151665,
+                                     stop_token_id=151645, pad_token_id=151643)
+    del sd
+    caches = rt.new_caches(1, args.prefix + 64, None)
+    eng = Engine(rt.model, caches, rt.token_ids.mask, use_block_cache=True,
+                 stats=CallStats(num_layers=rt.config.num_hidden_layers))
+    eng.graphs = None                                   # eager, so every kernel shows up by name
+    slot = caches.alloc()
+    ids = torch.randint(0, 150000, (args.prefix + 32,))
+    eng.run([RowRequest(Kind.PREFILL, slot, 0, ids[:args.prefix])])
+    step = lambda: eng.run([RowRequest(Kind.FULL, slot, args.prefix, ids[args.prefix:],  # noqa: E731
+                                       logits_at=list(range(8)))])
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+    totals = collections.Counter()
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t and ev.key and not ev.key.startswith("fastdllm:") and "Memcpy" not in ev.key and "ProfilerStep" not in ev.key:
+            totals[category(ev.key)] += t
+    per_step = {k: v / args.steps / 1e3 for k, v in totals.items()}     # us -> ms
+    floor = step_bytes / (bw * 1e9) * 1e3
+    gpu = sum(per_step.values())
+    record("step_profile", shape=args.shape, step="full", prefix=args.prefix, kernel_ms=per_step,
+           kernel_total_ms=gpu, floor_ms=floor, matmul_GBps=step_bytes / (per_step.get("matmul", 1e-9) / 1e3) / 1e9,
+           command="python bench/step_profile.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()))
+    print(f"{args.shape} full-block step, kernel time per step (ms), floor {floor:.3f} ms")
+    for k, v in sorted(per_step.items(), key=lambda kv: -kv[1]):
+        print(f"  {k:12} {v:7.3f}")
+    print(f"  {'total':12} {gpu:7.3f}   matmul reads weights at {step_bytes / (per_step.get('matmul', 1e-9) / 1e3) / 1e9:.0f} GB/s")
+
+
+if __name__ == "__main__":
+    main()
