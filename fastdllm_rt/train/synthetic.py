@@ -143,7 +143,7 @@ def split(task: str, seed: int, n: int, held_out: bool, start: int = 0) -> list[
 
 def training_stream(seed: int, weights=None):
     """Endless training examples, tasks mixed by ``weights`` (task -> weight)."""
-    weights = weights or {"arith": 2, "mc_letter": 4, "mc_text": 2, "mc_lookup": 3, "mc_recall": 2, "prose": 1}
+    weights = weights or {"arith": 4, "mc_letter": 4, "mc_text": 2, "mc_lookup": 3, "mc_recall": 2, "prose": 1}
     rng = random.Random(seed)
     counters = {t: 0 for t in weights}
     tasks, w = list(weights), list(weights.values())

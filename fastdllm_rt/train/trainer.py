@@ -49,6 +49,10 @@ class TrainConfig:
     pool: int = 200_000              # pre-tokenised training examples
     eval_examples: int = 200
     log_every: int = 100
+    pause_after: float = 0.0         # minutes of this invocation; then save train_state.pt and stop (for hosts
+                                     # that cap a job's length); 0 = never
+    pause_at_step: int = 0           # the same, at a step count (tests)
+    resume: bool = False             # continue from <out>/train_state.pt exactly where a paused run stopped
 
 
 def _init_(model: FastDLLM, layers: int) -> None:
@@ -138,12 +142,22 @@ def train(cfg: TrainConfig, argv=None) -> dict:
     model = build(cfg, tok).to(device)
     mask_id = tok.token_to_id("|<MASK>|")
     data = Batches(tok, cfg)
-    step_fn, set_lr, mode = make_step(model, cfg, data, mask_id, device)
+    step_fn, set_lr, mode, opt = make_step(model, cfg, data, mask_id, device)
     print(f"training step: {mode}", flush=True)
     curve, step, t_train = [], 0, time.time()
-    total = cfg.steps
+    t_start, total = t_train, cfg.steps
+    state_path = os.path.join(cfg.out, "train_state.pt")
+    if cfg.resume:
+        step, total, curve, spent, spent_train = _load_state(state_path, model, opt, data)
+        t0, t_train = t0 - spent, t_train - spent_train
+        print(f"resumed at step {step} of {total}", flush=True)
     model.train()
     while step < total:
+        if ((cfg.pause_after and time.time() - t_start > cfg.pause_after * 60)
+                or (cfg.pause_at_step and step >= cfg.pause_at_step)):
+            _save_state(state_path, model, opt, data, step, total, curve, time.time() - t0, time.time() - t_train)
+            print(f"paused at step {step} of {total}: continue with the same command plus --resume", flush=True)
+            return {"paused_at": step, "total": total}
         if cfg.minutes and step == 30:
             # fit the schedule to the wall-clock budget: the cosine decay must end when time does
             per_step = (time.time() - t_train) / step
@@ -169,12 +183,47 @@ def train(cfg: TrainConfig, argv=None) -> dict:
               "torch": torch.__version__}
     with open(os.path.join(cfg.out, "training.json"), "w") as f:
         json.dump(report, f, indent=2)
+    if os.path.exists(state_path):
+        os.remove(state_path)
     print(json.dumps({k: report[k] for k in ("steps_done", "train_seconds", "held_out_during_training")}))
     return report
 
 
+def _save_state(path, model, opt, data, step, total, curve, spent, spent_train):
+    state = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+             "opt": [{k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
+                     for g in opt.param_groups for p in g["params"]],
+             "data_rng": data.gen.get_state(), "torch_rng": torch.get_rng_state(), "step": step, "total": total, "curve": curve,
+             "spent": spent, "spent_train": spent_train}
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def _load_state(path, model, opt, data):
+    """Restore a paused run in place: the captured CUDA graph keeps pointing at the same tensors."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--resume: no paused run at {path}; start without --resume")
+    state = torch.load(path, weights_only=True)
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            v.copy_(state["model"][k])
+        for saved, p in zip(state["opt"], (p for g in opt.param_groups for p in g["params"])):
+            for k, v in saved.items():
+                cur = opt.state[p].get(k)
+                if torch.is_tensor(cur):
+                    cur.copy_(v)
+                elif torch.is_tensor(v) and (k != "step" or opt.defaults.get("capturable")):
+                    opt.state[p][k] = v.to(p.device)
+                else:
+                    opt.state[p][k] = v
+    data.gen.set_state(state["data_rng"])
+    torch.set_rng_state(state["torch_rng"])      # the noise on CPU; under CUDA-graph replay the noise stream
+    #                                              is not restored, so a resumed GPU run is equal in distribution
+    return state["step"], state["total"], [tuple(c) for c in state["curve"]], state["spent"], state["spent_train"]
+
+
 def make_step(model, cfg: TrainConfig, data: Batches, mask_id: int, device):
-    """(step() -> loss, set_lr(value), description). On CUDA the whole step (forward, backward, clipping,
+    """(step() -> loss, set_lr(value), description, optimizer). On CUDA the whole step (forward, backward, clipping,
     AdamW) is captured once in a CUDA graph and replayed: the model is small, so eager launch overhead would
     otherwise dominate. Falls back to eager if capture fails."""
     params = list(model.parameters())
@@ -206,7 +255,7 @@ def make_step(model, cfg: TrainConfig, data: Batches, mask_id: int, device):
         return compute(x0, resp)
 
     if not (cuda and cfg.cuda_graph):
-        return eager, set_lr, "eager"
+        return eager, set_lr, "eager", opt
     try:
         static_x0, static_resp = data.sample(device)
         side = torch.cuda.Stream()
@@ -228,11 +277,11 @@ def make_step(model, cfg: TrainConfig, data: Batches, mask_id: int, device):
             graph.replay()
             return static_loss
 
-        return replay, set_lr, "cuda graph"
+        return replay, set_lr, "cuda graph", opt
     except Exception as e:  # noqa: BLE001 - any capture failure means: train eagerly
         print(f"CUDA graph capture failed ({type(e).__name__}: {e}); training eagerly", flush=True)
         torch.cuda.synchronize()
-        return eager, set_lr, "eager (graph capture failed)"
+        return eager, set_lr, "eager (graph capture failed)", opt
 
 
 class _nullcontext:
@@ -254,6 +303,8 @@ def main(argv=None):
         flag = "--" + field.replace("_", "-")
         if field == "out":
             ap.add_argument(flag, required=True, help="output checkpoint folder")
+        elif isinstance(value, bool):
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
         else:
             ap.add_argument(flag, type=type(value), default=value)
     args = ap.parse_args(argv)
