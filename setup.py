@@ -30,7 +30,7 @@ setup(
     ],
     extras_require={
         "eval": ["lm_eval>=0.4.8,<0.5", "transformers>=4.45", "matplotlib"],
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "transformers>=4.45"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "transformers>=4.45"],
     },
     entry_points={"console_scripts": ["fastdllm-eval=evalbridge.__main__:main"]},
 )

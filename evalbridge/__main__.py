@@ -92,6 +92,17 @@ def main(argv=None) -> int:
         print(__doc__)
     ours, rest = _ours(argv)
     peek = _peek(rest)
+    if peek.model_args and "token=" in peek.model_args:
+        # a token given as a model argument goes to HF_TOKEN for this process (model download and gated
+        # datasets both read it there) and out of the arguments lm-eval prints and saves
+        kept = []
+        for item in peek.model_args.split(","):
+            if item.strip().startswith("token="):
+                os.environ["HF_TOKEN"] = item.split("=", 1)[1].strip()
+            else:
+                kept.append(item)
+        peek.model_args = ",".join(kept)
+        rest = _replace_arg(rest, "--model_args", peek.model_args)
     rank = int(os.environ.get("RANK", "0"))
     include = _include_path(peek.include_path)
     rest = _replace_arg(rest, "--include_path", include)

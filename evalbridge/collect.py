@@ -133,7 +133,11 @@ def main(argv=None) -> int:
         return 1
     out = args.out or args.results
     md, csv_path = write_tables(rows, out)
-    pngs = plot(rows, out)
+    try:
+        pngs = plot(rows, out)
+    except ImportError:
+        pngs = []
+        print("matplotlib is not installed, so no plots were drawn (pip install -e .[eval] installs it)")
     print(open(md).read())
     print(f"wrote {md}, {csv_path} and {len(pngs)} plot(s)")
     return 0

@@ -16,6 +16,8 @@ import os
 from collections import defaultdict
 
 import torch
+import lm_eval.models  # noqa: F401  - fills lm-eval's registry first: it imports its own models lazily only while
+#                              the registry is empty, so registering ours first would hide "hf", "dummy", ...
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 

@@ -153,11 +153,12 @@ def test_stop_strings_end_generations_and_token_counts_match_the_text():
 
 
 def test_registering_keeps_lm_evals_own_models():
-    from lm_eval.api.registry import get_model
+    from lm_eval.api.registry import get_model, model_registry
 
     import evalbridge.model  # noqa: F401
     assert get_model("fast_dllm_v2").__name__ == "FastDLLMv2LM"
-    assert get_model("hf") is not None and get_model("dummy") is not None
+    # lm-eval's own names stay registered ("hf" is only looked up: building it needs accelerate)
+    assert "hf" in model_registry and get_model("dummy").__name__ == "DummyLM"
 
 
 def test_bad_model_args_are_explained():

@@ -108,7 +108,9 @@ def test_offline_with_a_cached_copy_passes_the_check(clean_env, monkeypatch):
 
 
 def test_a_successful_run_with_a_token_writes_no_secret(clean_env, tmp_path):
-    env = {**os.environ, "HF_TOKEN": SECRET, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    """The token given as a model argument moves to HF_TOKEN: lm-eval never prints or saves it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.pop("HF_TOKEN", None)
     out = tmp_path / "run"
     res = subprocess.run([sys.executable, "-m", "evalbridge", "--model_args", f"model={MODEL},token={SECRET}",
                           "--tasks", "synth_mc_letter", "--limit", "4", "--output_dir", str(out)],
@@ -119,7 +121,7 @@ def test_a_successful_run_with_a_token_writes_no_secret(clean_env, tmp_path):
         for name in files:
             assert SECRET not in open(os.path.join(root, name), errors="ignore").read(), name
     summary = json.load(open(out / "summary.json"))
-    assert summary["ignored_model_args"] == ["token"]
+    assert summary["ignored_model_args"] == [] and "token" not in summary["model_args"]
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),

@@ -227,7 +227,9 @@ def test_torch_profiler_trace_names_the_forward_kinds(tmp_path):
     trace = tmp_path / "trace.json"
     e = dict(os.environ, FASTDLLM_TORCH_PROFILE=str(trace), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     res = subprocess.run([sys.executable, "-m", "evalbridge", "--model_args",
-                          f"model={os.path.join(REPO, 'fastdllm_rt', 'small_model')},use_block_cache=True",
+                          # a threshold no token reaches: several steps per sub-block, so sub-block forwards occur
+                          f"model={os.path.join(REPO, 'fastdllm_rt', 'small_model')},use_block_cache=True,"
+                          "threshold=1.0",
                           "--tasks", "synth_arith", "--limit", "2", "--output_dir", str(tmp_path / "o")],
                          env=e, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
     assert res.returncode == 0, res.stderr[-2000:]

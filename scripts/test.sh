@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The test suite on CPU (Triton kernels under TRITON_INTERPRET=1, set by tests/conftest.py), two workers.
+# Extra arguments go to pytest (e.g. tests/rt -k oracle).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+source scripts/setup_env.sh
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+python -m pytest -q -n "${TEST_WORKERS:-2}" --durations=15 "${@:-tests}"
