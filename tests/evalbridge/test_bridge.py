@@ -67,7 +67,7 @@ def test_throughput_is_recorded_for_every_request_type(demo, kind, counted):
     assert le["computed"] + le["skipped"] == 28 * sum(t["row_forwards"].values())
 
 
-def _evaluate(model_args, tasks, limit, num_fewshot=None):
+def _evaluate(model_args, tasks, limit, num_fewshot=None, batch_size=16):
     """lm-eval in this process (one task manager, many configurations)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -78,7 +78,7 @@ def _evaluate(model_args, tasks, limit, num_fewshot=None):
     os.environ.update(OFFLINE)
     tm = TaskManager(include_path=TASKS_DIR, include_defaults=False)
     res = lm_eval.simple_evaluate(model="fast_dllm_v2", model_args=model_args, tasks=tasks, limit=limit,
-                                  task_manager=tm, num_fewshot=num_fewshot, device="cpu", batch_size=16)
+                                  task_manager=tm, num_fewshot=num_fewshot, device="cpu", batch_size=batch_size)
     return res["results"], bridge.FastDLLMv2LM.instances[-1].run_report()["throughput"]
 
 
@@ -115,6 +115,20 @@ def test_multi_token_choices_move_with_k_and_report_skips():
     scores = {k: rt.score(reqs, use_block_cache=True, reuse=fastdllm_rt.ReusePolicy.from_args(k, "middle")).loglikelihoods
               for k in (1, 2, 3)}
     assert scores[1] != scores[2] and scores[2] != scores[3]
+
+
+def test_lm_evals_auto_batch_size_serves_loglikelihood_and_rolling():
+    """``--batch_size auto`` reaches the runtime as "size chunks to memory" and scores what a fixed size does."""
+    tasks = ["synth_mc_text", "synth_prose"]
+    auto, tp_auto = _evaluate(f"model={MODEL}", tasks, 6, batch_size="auto")
+    fixed, _ = _evaluate(f"model={MODEL}", tasks, 6, batch_size=2)
+    from evalbridge import model as bridge
+
+    assert bridge.FastDLLMv2LM.instances[-2].batch_size is None
+    assert auto["synth_mc_text"]["acc,none"] == fixed["synth_mc_text"]["acc,none"]
+    assert auto["synth_prose"]["word_perplexity,none"] == pytest.approx(fixed["synth_prose"]["word_perplexity,none"],
+                                                                         rel=1e-5)
+    assert tp_auto["loglikelihood"]["requests"] > 0 and tp_auto["loglikelihood_rolling"]["requests"] == 6
 
 
 def test_five_shot_four_choice_costs_one_scoring_forward_plus_the_shared_prefill():
