@@ -1,0 +1,60 @@
+"""Op-level pytest-benchmark suite (issue 5): decode attention against SDPA with a mask at the decode shapes,
+and the fused elementwise kernels against their PyTorch references. Times are host clock with a synchronise
+per call (launch included, as eager code sees it); bench/attention_op.py times the same ops inside CUDA
+graphs, as the runtime replays them."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common import DEVICE, record
+from fastdllm_kernels.attention.kernel import decode_attention
+from fastdllm_kernels.rms_norm.kernel import add_rms_norm
+from fastdllm_kernels.rms_norm.reference import add_rms_norm_ref
+from fastdllm_kernels.swiglu.kernel import swiglu
+from fastdllm_kernels.swiglu.reference import swiglu_ref
+
+HEADS = {"7B": (28, 4, 3584, 18944), "1.5B": (12, 2, 1536, 8960)}
+
+
+@pytest.mark.parametrize("provider", ["ours", "sdpa_mask"])
+@pytest.mark.parametrize("queries", [32, 8])
+@pytest.mark.parametrize("prefix", [2048, 8192])
+@pytest.mark.parametrize("model", ["7B", "1.5B"])
+def test_decode_attention(timed, benchmark, model, prefix, queries, provider):
+    hq, hkv, _, _ = HEADS[model]
+    D, dt = 128, torch.bfloat16
+    pk = torch.randn(1, hkv, prefix + 64, D, device=DEVICE, dtype=dt)
+    pv, bk = torch.randn_like(pk), torch.randn(1, hkv, 32, D, device=DEVICE, dtype=dt)
+    bv = torch.randn_like(bk)
+    q = torch.randn(queries, hq, D, device=DEVICE, dtype=dt)
+    meta = [torch.zeros(1, dtype=torch.long, device=DEVICE), torch.tensor([prefix], device=DEVICE),
+            torch.ones(1, dtype=torch.long, device=DEVICE), torch.zeros(1, dtype=torch.long, device=DEVICE)]
+    if provider == "ours":
+        fn = lambda: decode_attention(q, pk, pv, bk, bv, *meta, n_q=queries, scale=D ** -0.5)  # noqa: E731
+    else:
+        kk, vv = torch.cat([pk[:, :, :prefix], bk], 2), torch.cat([pv[:, :, :prefix], bv], 2)
+        qq, mask = q.transpose(0, 1)[None], torch.ones(1, 1, queries, prefix + 32, dtype=torch.bool, device=DEVICE)
+        fn = lambda: F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, enable_gqa=True)  # noqa: E731
+    timed(fn)
+    record("bench_ops", op="decode_attention", model=model, prefix=prefix, queries=queries, provider=provider,
+           median_ms=benchmark.stats.stats.median * 1e3, iqr_ms=benchmark.stats.stats.iqr * 1e3,
+           timing="host clock, synchronised per call", command="python -m pytest bench/test_bench_ops.py")
+
+
+@pytest.mark.parametrize("provider", ["ours", "torch"])
+@pytest.mark.parametrize("tokens", [1, 32])
+@pytest.mark.parametrize("op", ["add_rms_norm", "swiglu"])
+def test_fused_elementwise(timed, benchmark, op, tokens, provider):
+    _, _, hidden, inter = HEADS["7B"]
+    dt = torch.bfloat16
+    if op == "add_rms_norm":
+        x, res = torch.randn(tokens, hidden, device=DEVICE, dtype=dt), torch.randn(tokens, hidden, device=DEVICE, dtype=dt)
+        w = torch.ones(hidden, device=DEVICE, dtype=dt)
+        fn = (lambda: add_rms_norm(x, res, w, 1e-6)) if provider == "ours" else (lambda: add_rms_norm_ref(x, res, w, 1e-6))
+    else:
+        gu = torch.randn(tokens, 2 * inter, device=DEVICE, dtype=dt)
+        fn = (lambda: swiglu(gu)) if provider == "ours" else (lambda: swiglu_ref(gu))
+    timed(fn)
+    record("bench_ops", op=op, model="7B", tokens=tokens, provider=provider,
+           median_ms=benchmark.stats.stats.median * 1e3, iqr_ms=benchmark.stats.stats.iqr * 1e3,
+           timing="host clock, synchronised per call", command="python -m pytest bench/test_bench_ops.py")
