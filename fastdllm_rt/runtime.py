@@ -140,7 +140,13 @@ class Runtime:
                           small_block_size=small_block_size, use_block_cache=use_block_cache,
                           temperature=temperature, top_p=top_p, reuse=policy, stop_strings=stop_strings,
                           early_exit=early_exit, seed=seed, batch_size=batch_size, trace=trace)
-        return sampler.run(prompts)
+        result = sampler.run(prompts)
+        if policy is not None and policy.active and result.stats.skipped_layer_evaluations == 0:
+            result.stats.notes.append(
+                "no layer evaluation was skipped: every sub-block was finished by its first step, a full-block "
+                "forward that computes every layer; reuse acts only on later steps of a sub-block (a higher "
+                "threshold, e.g. 1.0, makes more of them)")
+        return result
 
     # ---- scoring -----------------------------------------------------------------------------------------
     @torch.inference_mode()

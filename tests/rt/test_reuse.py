@@ -117,3 +117,17 @@ def test_reuse_caches_are_per_row_a_batch_equals_its_rows_alone(rt):
     batch = rt.generate(PROMPTS, max_new_tokens=50, reuse=pol)
     for p, got in zip(PROMPTS, batch.tokens):
         assert got == rt.generate([p], max_new_tokens=50, reuse=pol).tokens[0]
+
+
+def test_generation_says_why_a_reuse_policy_skipped_nothing():
+    """The shipped model finishes each sub-block of an easy answer in one (full-block) step at threshold 0.9, so
+    the policy never acts; the call must say so instead of reporting a silent zero."""
+    rt = fastdllm_rt.load(fastdllm_rt.small_model_path())
+    p = rt.tokenizer.encode("Question: Mia has 12 apples. Mia gets 30 more apples. How many apples does Mia have "
+                            "now?\nAnswer:")
+    policy = ReusePolicy("first", k=2)
+    confident = rt.generate([p], max_new_tokens=40, threshold=0.9, reuse=policy)
+    assert confident.stats.skipped_layer_evaluations == 0
+    assert any("no layer evaluation was skipped" in n for n in confident.stats.notes)
+    one_per_step = rt.generate([p], max_new_tokens=40, threshold=1.0, reuse=policy)
+    assert one_per_step.stats.skipped_layer_evaluations > 0 and not one_per_step.stats.notes
