@@ -18,9 +18,10 @@ import triton
 import triton.language as tl
 
 
-# row counts and split sizes change from batch to batch: keep them unspecialised so that a new batch size does
-# not compile a new kernel (Triton otherwise specialises integers equal to 1 or divisible by 16)
-@triton.jit(do_not_specialize=["CHUNK", "M_TILES", "SPLITS"])
+# tile and split counts change from batch to batch: keep them unspecialised so that a new batch size does not
+# compile a new kernel (Triton otherwise specialises integers equal to 1 or divisible by 16). CHUNK stays
+# specialised: it is always a multiple of BLOCK_N, so it compiles once, and its alignment lets loads vectorise.
+@triton.jit(do_not_specialize=["M_TILES", "SPLITS"])
 def decode_attention_fwd_kernel(
         p_q, p_pk, p_pv, p_bk, p_bv, p_o, p_acc, p_ml,
         p_slot, p_plen, p_tail, p_qstart,
