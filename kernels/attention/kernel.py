@@ -18,6 +18,18 @@ import triton
 import triton.language as tl
 
 
+@triton.jit
+def _online_softmax_update(b_s, b_v, b_m, b_l, b_acc, DOT_PREC: tl.constexpr):
+    """One key tile of a flash-attention loop: fold scores ``b_s`` [M, N] and values ``b_v`` [N, D] into the
+    running max ``b_m``, normaliser ``b_l`` and unnormalised output ``b_acc``."""
+    new_m = tl.maximum(b_m, tl.max(b_s, axis=1))
+    alpha = tl.exp(b_m - new_m)
+    b_p = tl.exp(b_s - new_m[:, None])
+    b_l = b_l * alpha + tl.sum(b_p, axis=1)
+    b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PREC)
+    return new_m, b_l, b_acc
+
+
 # tile and split counts change from batch to batch: keep them unspecialised so that a new batch size does not
 # compile a new kernel (Triton otherwise specialises integers equal to 1 or divisible by 16). CHUNK stays
 # specialised: it is always a multiple of BLOCK_N, so it compiles once, and its alignment lets loads vectorise.
@@ -66,12 +78,7 @@ def decode_attention_fwd_kernel(
             tl.load(p_bv + off_tail, mask=in_tail[:, None], other=0.0)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * scale                # [BLOCK_M, BLOCK_N]
         b_s = tl.where((j < hi)[None, :], b_s, float("-inf"))
-        new_m = tl.maximum(b_m, tl.max(b_s, axis=1))
-        alpha = tl.exp(b_m - new_m)
-        b_p = tl.exp(b_s - new_m[:, None])
-        b_l = b_l * alpha + tl.sum(b_p, axis=1)
-        b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PREC)
-        b_m = new_m
+        b_m, b_l, b_acc = _online_softmax_update(b_s, b_v, b_m, b_l, b_acc, DOT_PREC)
     if SPLITS == 1:
         off_o = (qstart + i)[:, None] * stride_ot + (h * G + g)[:, None] * stride_oh + d[None, :]
         tl.store(p_o + off_o, (b_acc / b_l[:, None]).to(p_o.dtype.element_ty), mask=m_ok[:, None])
@@ -201,12 +208,7 @@ def prefill_attention_fwd_kernel(
         b_v = tl.load(p_pv + off, mask=ok[:, None], other=0.0)
         b_s = tl.where(ok[None, :], tl.dot(b_q, tl.trans(b_k.to(b_q.dtype)), input_precision=DOT_PREC) * scale,
                        float("-inf"))
-        new_m = tl.maximum(b_m, tl.max(b_s, axis=1))
-        alpha = tl.exp(b_m - new_m)
-        b_p = tl.exp(b_s - new_m[:, None])
-        b_l = b_l * alpha + tl.sum(b_p, axis=1)
-        b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_q.dtype), b_v.to(b_q.dtype), input_precision=DOT_PREC)
-        b_m = new_m
+        b_m, b_l, b_acc = _online_softmax_update(b_s, b_v.to(b_q.dtype), b_m, b_l, b_acc, DOT_PREC)
     # own keys: block-causal over absolute positions, up to the block end of the tile's last query
     last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, n) - 1
     kv_end = tl.minimum(n, ((start + last) // BS + 1) * BS - start)
@@ -218,12 +220,7 @@ def prefill_attention_fwd_kernel(
         b_v = tl.load(p_v + off, mask=ok[:, None], other=0.0)
         vis = ok[None, :] & (((start + j)[None, :] // BS) <= (q_pos[:, None] // BS))
         b_s = tl.where(vis, tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * scale, float("-inf"))
-        new_m = tl.maximum(b_m, tl.max(b_s, axis=1))
-        alpha = tl.exp(b_m - new_m)
-        b_p = tl.exp(b_s - new_m[:, None])
-        b_l = b_l * alpha + tl.sum(b_p, axis=1)
-        b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PREC)
-        b_m = new_m
+        b_m, b_l, b_acc = _online_softmax_update(b_s, b_v, b_m, b_l, b_acc, DOT_PREC)
     off_o = (lo_t + i)[:, None] * stride_ot + hq * stride_oh + d[None, :]
     tl.store(p_o + off_o, (b_acc / b_l[:, None]).to(p_o.dtype.element_ty), mask=i_ok[:, None])
 

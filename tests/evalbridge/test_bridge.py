@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-pytest.importorskip("lm_eval", reason="the bridge is the lm-eval integration: install fastdllm[eval]")
+import lm_eval  # noqa: F401,E402  - the bridge is the lm-eval integration (pip install -e .[eval])
 
 import fastdllm_rt  # noqa: E402
 from tests.conftest import REPO  # noqa: E402

@@ -1,5 +1,5 @@
-"""The runtime against what the ORIGINAL code computed on the oracle checkpoint (../shared/oracle, or its copy in
-tests/data/oracle; FASTDLLM_ORACLE_DIR points elsewhere, e.g. at outputs on other inputs)."""
+"""The runtime against what the ORIGINAL code computed on the oracle checkpoint (../shared/oracle beside the
+checkout; FASTDLLM_ORACLE_DIR points elsewhere, e.g. at outputs on other inputs)."""
 import json
 import os
 
@@ -8,6 +8,11 @@ import pytest
 import fastdllm_rt
 from tests.conftest import ORACLE_DIR
 
+# test data, not a feature: the original code's outputs live outside the repository (only the shipped model is
+# committed as a binary); everything these tests check is also checked against independent references elsewhere
+pytestmark = pytest.mark.skipif(not os.path.isdir(ORACLE_DIR),
+                                reason=f"the original code's reference outputs ({ORACLE_DIR}) are not beside this "
+                                       "checkout; set FASTDLLM_ORACLE_DIR to run the oracle comparison")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 run in Triton's interpreter in fp32, which executes every program of every launch one after another: the CPU
 run keeps to short generations on a 2-layer model; on a GPU the same tests run compiled at full length, and
 tests/gpu adds bf16 at the released shapes."""
-import os
 
 import pytest
 import torch
@@ -14,8 +13,7 @@ from tests.helpers.checkpoints import TINY_IDS, make_checkpoint
 
 INTERP = not torch.cuda.is_available()
 NEW = 6 if INTERP else 40
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="needs a GPU or Triton's interpreter (TRITON_INTERPRET=1, set by conftest)")
+# on CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
