@@ -148,6 +148,13 @@ def weight_bytes(sd: dict, include_embedding: bool = True) -> int:
                if include_embedding or k != "model.embed_tokens.weight")
 
 
+def step_weight_bytes(sd: dict) -> int:
+    """Bytes a decode step must read: every layer, the final norm and the LM head. The embedding table is
+    only gathered (a few rows), except when the head is tied to it (the 1.5B): then the head reads it all."""
+    tied = "lm_head.weight" not in sd
+    return weight_bytes(sd, include_embedding=tied)
+
+
 def hf_model(fields: dict, sd: dict):
     """transformers' Qwen2ForCausalLM sharing ``sd``'s storage, eager attention (the original's path)."""
     import transformers

@@ -9,14 +9,14 @@ import collections
 
 import torch
 
-from common import SHAPES, copy_bandwidth_gbs, random_state_dict, record, weight_bytes
+from common import SHAPES, copy_bandwidth_gbs, random_state_dict, record, step_weight_bytes
 
 import fastdllm_rt
 from fastdllm_rt.batch import Kind, RowRequest
 from fastdllm_rt.engine import Engine
 from fastdllm_rt.stats import CallStats
 
-CATS = [("attention", ("decode_attention", "prefill_attention")), ("rope_kv_write", ("rope_write",)),
+CATS = [("attention", ("decode_attention", "prefill_attention")), ("fused_linear", ("fused_linear",)), ("rope_kv_write", ("rope_write",)),
         ("norms", ("rms_norm",)), ("swiglu", ("swiglu",)), ("logit_stats", ("logit_stats",)),
         ("matmul", ("gemm", "nvjet", "cutlass", "sm90", "xmma", "splitk", "gemv", "Kernel2"))]
 
@@ -36,7 +36,7 @@ def main():
     args = ap.parse_args()
     fields = SHAPES[args.shape]
     sd = random_state_dict(fields)
-    step_bytes = weight_bytes(sd, include_embedding=fields["tie_word_embeddings"])
+    step_bytes = step_weight_bytes(sd)
     bw = copy_bandwidth_gbs()
     rt = fastdllm_rt.from_state_dict(fields, sd, dtype="bf16", backend="triton", mask_token_id=151665,
                                      stop_token_id=151645, pad_token_id=151643)
@@ -65,13 +65,14 @@ def main():
     per_step = {k: v / args.steps / 1e3 for k, v in totals.items()}     # us -> ms
     floor = step_bytes / (bw * 1e9) * 1e3
     gpu = sum(per_step.values())
+    mm = per_step.get("matmul", 0) + per_step.get("fused_linear", 0) or 1e-9   # fused linears read the weights
     record("step_profile", shape=args.shape, step="full", prefix=args.prefix, kernel_ms=per_step,
-           kernel_total_ms=gpu, floor_ms=floor, matmul_GBps=step_bytes / (per_step.get("matmul", 1e-9) / 1e3) / 1e9,
+           kernel_total_ms=gpu, floor_ms=floor, matmul_GBps=step_bytes / (mm / 1e3) / 1e9,
            command="python bench/step_profile.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()))
     print(f"{args.shape} full-block step, kernel time per step (ms), floor {floor:.3f} ms")
     for k, v in sorted(per_step.items(), key=lambda kv: -kv[1]):
         print(f"  {k:12} {v:7.3f}")
-    print(f"  {'total':12} {gpu:7.3f}   matmul reads weights at {step_bytes / (per_step.get('matmul', 1e-9) / 1e3) / 1e9:.0f} GB/s")
+    print(f"  {'total':12} {gpu:7.3f}   matmuls read the weights at {step_bytes / (mm / 1e3) / 1e9:.0f} GB/s")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ import gc
 
 import torch
 
-from common import DEVICE, SHAPES, copy_bandwidth_gbs, env_info, cuda_time, hf_model, random_state_dict, record, weight_bytes
+from common import (DEVICE, SHAPES, copy_bandwidth_gbs, env_info, cuda_time, hf_model, random_state_dict, record,
+                    step_weight_bytes, weight_bytes)
 
 import fastdllm_rt
 from fastdllm_rt import ReusePolicy
@@ -88,7 +89,7 @@ def main():
     for shape in args.shapes.split(","):
         fields = SHAPES[shape]
         sd = random_state_dict(fields)
-        step_bytes = weight_bytes(sd, include_embedding=False)
+        step_bytes = step_weight_bytes(sd)
         floor_ms = step_bytes / (bw * 1e9) * 1e3
         all_ms = weight_bytes(sd) / (bw * 1e9) * 1e3
         record("steps", shape=shape, provider="floor", step="weights_once", p50_ms=floor_ms, p20_ms=floor_ms,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastdllm_rt
-from common import SHAPES, copy_bandwidth_gbs, random_state_dict, record, weight_bytes
+from common import SHAPES, copy_bandwidth_gbs, random_state_dict, record, step_weight_bytes
 from steps import IDS, hf_steps, ours_steps
 
 PREFIX = 2048
@@ -21,7 +21,7 @@ def _steps(shape, provider):
         gc.collect()
         torch.cuda.empty_cache()
         sd = random_state_dict(SHAPES[shape])
-        floor = weight_bytes(sd, include_embedding=False) / (copy_bandwidth_gbs() * 1e9) * 1e3
+        floor = step_weight_bytes(sd) / (copy_bandwidth_gbs() * 1e9) * 1e3
         if provider == "hf":
             steps, keep = hf_steps(SHAPES[shape], sd, PREFIX)
         else:

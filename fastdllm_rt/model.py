@@ -38,9 +38,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q, cfg.hidden_size, bias=False)
         self.scale = 1.0 / math.sqrt(self.head_dim)
 
-    def split_qkv(self, x):
+    def split_qkv(self, qkv):
+        """[T, q + 2 kv] projection output -> q [T, Hq, D], k, v [T, Hkv, D] (views)."""
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        qkv = F.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         return (q.reshape(-1, self.num_heads, self.head_dim), k.reshape(-1, self.num_kv_heads, self.head_dim),
                 v.reshape(-1, self.num_kv_heads, self.head_dim))
@@ -64,15 +64,14 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, attend, ops):
         """x: [T, hidden] residual stream in; returns the residual stream out. ``attend(q, k, v)`` applies
-        RoPE, writes this layer's caches and attends (the backend decides how much of that is fused)."""
-        attn = self.self_attn
-        h = ops.rms_norm(x, self.input_layernorm.weight, self.input_layernorm.eps)
-        q, k, v = attn.split_qkv(h)
-        o = attend(q, k, v).reshape(x.shape[0], -1)
-        o = F.linear(o, attn.o_proj.weight)
-        h, x = ops.add_rms_norm(o, x, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps)
-        h = F.linear(ops.swiglu(F.linear(h, self.mlp.gate_up_proj.weight)), self.mlp.down_proj.weight)
-        return x + h
+        RoPE, writes this layer's caches and attends; the backend's ``norm_linear`` / ``linear_residual`` /
+        ``norm_swiglu`` decide how much of the norms, bias, activation and residual adds fuse into the matmuls."""
+        attn, mlp = self.self_attn, self.mlp
+        qkv = ops.norm_linear(x, self.input_layernorm, attn.qkv_proj.weight, attn.qkv_proj.bias)
+        o = attend(*attn.split_qkv(qkv)).reshape(x.shape[0], -1)
+        x = ops.linear_residual(o, attn.o_proj.weight, x)
+        h = ops.norm_swiglu(x, self.post_attention_layernorm, mlp.gate_up_proj.weight)
+        return ops.linear_residual(h, mlp.down_proj.weight, x)
 
 
 class FastDLLM(nn.Module):
@@ -119,8 +118,7 @@ class FastDLLM(nn.Module):
 
     def logits(self, hidden):
         """Final norm + head on the selected hidden states only; fp32 logits."""
-        h = self.ops.rms_norm(hidden, self.norm.weight, self.norm.eps)
-        return F.linear(h, self.head_weight).float()
+        return self.ops.norm_linear(hidden, self.norm, self.head_weight, out_dtype=torch.float32)
 
     def reset_counters(self):
         n = self.config.num_hidden_layers
@@ -183,7 +181,7 @@ class FastDLLM(nn.Module):
         for layer in self.layers:
             attn = layer.self_attn
             h = self.ops.rms_norm(x, layer.input_layernorm.weight, layer.input_layernorm.eps)
-            q, k, v = attn.split_qkv(h.reshape(B * N, -1))
+            q, k, v = attn.split_qkv(F.linear(h.reshape(B * N, -1), attn.qkv_proj.weight, attn.qkv_proj.bias))
             q, k = self.ops.rope(q, k, cos, sin)
             q, k, v = (t.reshape(B, N, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))
             # expanded K/V heads let SDPA pick its memory-efficient kernel, which takes an arbitrary mask

@@ -88,6 +88,17 @@ class TorchOps:
     def swiglu(self, gate_up):
         return swiglu_ref(gate_up)
 
+    # the layer's matmuls with what surrounds them, composed exactly as the HF layer rounds
+    def norm_linear(self, x, norm, weight, bias=None, out_dtype=None):
+        y = F.linear(rms_norm_ref(x, norm.weight, norm.eps), weight, bias)
+        return y if out_dtype is None else y.to(out_dtype)
+
+    def linear_residual(self, a, weight, residual):
+        return residual + F.linear(a, weight)
+
+    def norm_swiglu(self, x, norm, gate_up_weight):
+        return swiglu_ref(F.linear(rms_norm_ref(x, norm.weight, norm.eps), gate_up_weight))
+
     def prepare(self, model, batch, groups, T) -> AttnContext:
         ctx = AttnContext(model, batch, groups, T)
         ctx.cos, ctx.sin = model.rope_cos_sin(ctx.positions)

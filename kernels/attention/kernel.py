@@ -13,6 +13,8 @@ the device, and the grid depends only on the cache size, so the call can be capt
 prefix cache ``[0, start)`` (all visible) and the window's own keys under the block-causal rule
 ``q // bs >= k // bs``; one program per (row, query head, 64 queries).
 """
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -31,15 +33,14 @@ def _online_softmax_update(b_s, b_v, b_m, b_l, b_acc, DOT_PREC: tl.constexpr):
 
 
 # tile and split counts change from batch to batch: keep them unspecialised so that a new batch size does not
-# compile a new kernel (Triton otherwise specialises integers equal to 1 or divisible by 16). CHUNK stays
-# specialised: it is always a multiple of BLOCK_N, so it compiles once, and its alignment lets loads vectorise.
+# compile a new kernel (Triton otherwise specialises integers equal to 1 or divisible by 16).
 @triton.jit(do_not_specialize=["M_TILES", "SPLITS"])
 def decode_attention_fwd_kernel(
         p_q, p_pk, p_pv, p_bk, p_bv, p_o, p_acc, p_ml,
         p_slot, p_plen, p_tail, p_qstart,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_ps, stride_ph, stride_pn, stride_bs, stride_bh, stride_bn,
-        scale, CHUNK, M_TILES, SPLITS,
+        scale, M_TILES, SPLITS,
         HKV: tl.constexpr, G: tl.constexpr, NQ: tl.constexpr, D: tl.constexpr, TAIL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     pid_rh = tl.program_id(0)
@@ -61,8 +62,11 @@ def decode_attention_fwd_kernel(
     b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_M], tl.float32)
     b_acc = tl.zeros([BLOCK_M, D], tl.float32)
-    lo = pid_s * CHUNK
-    hi = tl.minimum(lo + CHUNK, K)
+    # this row's keys split evenly (in whole tiles) over the SPLITS programs: every split works whatever the
+    # cache size, and the grid still depends on sizes only
+    chunk = tl.cdiv(tl.cdiv(K, SPLITS), BLOCK_N) * BLOCK_N
+    lo = pid_s * chunk
+    hi = tl.minimum(lo + chunk, K)
     pre_base = slot * stride_ps + h * stride_ph
     tail_base = slot * stride_bs + h * stride_bh
     for j0 in range(lo, hi, BLOCK_N):
@@ -93,30 +97,33 @@ def decode_attention_fwd_kernel(
 @triton.jit(do_not_specialize=["M_TILES", "SPLITS"])
 def decode_attention_combine_kernel(
         p_o, p_acc, p_ml, p_qstart, stride_ot, stride_oh, M_TILES, SPLITS,
-        HKV: tl.constexpr, G: tl.constexpr, NQ: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr):
+        HKV: tl.constexpr, G: tl.constexpr, NQ: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+        ROWS: tl.constexpr, SPLITS_P2: tl.constexpr):
+    """Merge the splits' partial softmaxes for ROWS packed rows; all splits are loaded at once (one memory
+    latency, not one per split)."""
     pid_rh = tl.program_id(0)
     pid_m = tl.program_id(1)
+    pid_r = tl.program_id(2)
     r = (pid_rh // HKV).to(tl.int64)
     h = (pid_rh % HKV).to(tl.int64)
     qstart = tl.load(p_qstart + r).to(tl.int64)
-    rows = tl.arange(0, BLOCK_M)
+    rows = pid_r * ROWS + tl.arange(0, ROWS)
     m_idx = pid_m * BLOCK_M + rows
     m_ok = m_idx < G * NQ
     g = m_idx // NQ
     i = m_idx % NQ
     d = tl.arange(0, D)
-    first = ((pid_rh * M_TILES + pid_m) * SPLITS).to(tl.int64)
-    b_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    for s in range(SPLITS):
-        b_max = tl.maximum(b_max, tl.load(p_ml + (first + s) * 2 * BLOCK_M + rows))
-    b_l = tl.zeros([BLOCK_M], tl.float32)
-    b_acc = tl.zeros([BLOCK_M, D], tl.float32)
-    for s in range(SPLITS):
-        base = first + s
-        b_ms = tl.load(p_ml + base * 2 * BLOCK_M + rows)
-        w = tl.where(b_ms == float("-inf"), 0.0, tl.exp(b_ms - b_max))
-        b_l += w * tl.load(p_ml + base * 2 * BLOCK_M + BLOCK_M + rows)
-        b_acc += w[:, None] * tl.load(p_acc + base * BLOCK_M * D + rows[:, None] * D + d[None, :])
+    s = tl.arange(0, SPLITS_P2)
+    s_ok = s < SPLITS
+    base = ((pid_rh * M_TILES + pid_m) * SPLITS + s).to(tl.int64)                      # [S]
+    b_ms = tl.load(p_ml + base[:, None] * 2 * BLOCK_M + rows[None, :], mask=s_ok[:, None], other=float("-inf"))
+    b_ls = tl.load(p_ml + base[:, None] * 2 * BLOCK_M + BLOCK_M + rows[None, :], mask=s_ok[:, None], other=0.0)
+    b_accs = tl.load(p_acc + base[:, None, None] * BLOCK_M * D + rows[None, :, None] * D + d[None, None, :],
+                     mask=s_ok[:, None, None], other=0.0)                                  # [S, ROWS, D]
+    b_max = tl.max(b_ms, axis=0)
+    w = tl.where(b_ms == float("-inf"), 0.0, tl.exp(b_ms - b_max[None, :]))              # empty splits weigh 0
+    b_l = tl.sum(w * b_ls, axis=0)
+    b_acc = tl.sum(w[:, :, None] * b_accs, axis=0)                                        # [ROWS, D]
     off_o = (qstart + i)[:, None] * stride_ot + (h * G + g)[:, None] * stride_oh + d[None, :]
     tl.store(p_o + off_o, (b_acc / b_l[:, None]).to(p_o.dtype.element_ty), mask=m_ok[:, None])
 
@@ -126,21 +133,30 @@ def _dot_precision(q) -> str:
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
+@dataclass(frozen=True)
+class DecodePlan:
+    block_m: int
+    m_tiles: int
+    splits: int
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
 def decode_plan(rows: int, kv_heads: int, group: int, n_q: int, max_keys: int, num_sms: int = 132,
-                block_m: int = 64, block_n: int = 64):
+                block_m: int = 64, block_n: int = 64, max_splits: int = 32, **launch) -> DecodePlan:
     """Static launch shape for a decode call: tiles of ``block_m`` packed query rows and enough key splits
-    to give about two programs per SM. Depends only on sizes, never on the current lengths."""
+    to give about two programs per SM (each row's keys are divided among the splits at run time). Depends only
+    on sizes, never on the current lengths."""
     block_m = min(block_m, max(16, triton.next_power_of_2(group * n_q)))
     m_tiles = triton.cdiv(group * n_q, block_m)
     programs = rows * kv_heads * m_tiles
-    splits = max(1, min(64, triton.cdiv(2 * num_sms, programs), triton.cdiv(max_keys, block_n)))
-    chunk = triton.cdiv(triton.cdiv(max_keys, splits), block_n) * block_n
-    splits = triton.cdiv(max_keys, chunk)
-    return block_m, m_tiles, splits, chunk, block_n
+    splits = max(1, min(max_splits, triton.cdiv(2 * num_sms, programs), triton.cdiv(max_keys, block_n)))
+    return DecodePlan(block_m, m_tiles, splits, block_n, **launch)
 
 
 def decode_attention(q, prefix_k, prefix_v, block_k, block_v, slots, prefix_lens, has_tail, q_starts, n_q: int,
-                     scale: float, out=None, num_sms: int = 132):
+                     scale: float, out=None, num_sms: int = 132, plan: DecodePlan | None = None):
     """q [T, Hq, D] packed, row r's n_q queries at q_starts[r]; caches [slots, Hkv, S, D] / [slots, Hkv, bs, D];
     slots, prefix_lens, has_tail, q_starts: [R] int tensors on q's device. Returns o [T, Hq, D]."""
     T, HQ, D = q.shape
@@ -153,7 +169,8 @@ def decode_attention(q, prefix_k, prefix_v, block_k, block_v, slots, prefix_lens
     out = torch.empty_like(q) if out is None else out
     if R == 0:
         return out
-    block_m, m_tiles, splits, chunk, block_n = decode_plan(R, HKV, G, n_q, prefix_k.shape[2] + TAIL, num_sms)
+    plan = plan or decode_plan(R, HKV, G, n_q, prefix_k.shape[2] + TAIL, num_sms)
+    block_m, m_tiles, splits, block_n = plan.block_m, plan.m_tiles, plan.splits, plan.block_n
     if splits > 1:
         acc = torch.empty(R * HKV * m_tiles * splits * block_m * D, dtype=torch.float32, device=q.device)
         ml = torch.empty(R * HKV * m_tiles * splits * 2 * block_m, dtype=torch.float32, device=q.device)
@@ -164,12 +181,15 @@ def decode_attention(q, prefix_k, prefix_v, block_k, block_v, slots, prefix_lens
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
         block_k.stride(0), block_k.stride(1), block_k.stride(2),
-        scale, chunk, m_tiles, splits, HKV=HKV, G=G, NQ=n_q, D=D, TAIL=TAIL,
-        BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=_dot_precision(q), num_warps=4, num_stages=2)
+        scale, m_tiles, splits, HKV=HKV, G=G, NQ=n_q, D=D, TAIL=TAIL,
+        BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=_dot_precision(q), num_warps=plan.num_warps,
+        num_stages=plan.num_stages)
     if splits > 1:
-        decode_attention_combine_kernel[(R * HKV, m_tiles)](
+        splits_p2 = triton.next_power_of_2(splits)
+        rows = max(1, min(block_m, 8192 // (splits_p2 * D)))
+        decode_attention_combine_kernel[(R * HKV, m_tiles, block_m // rows)](
             out, acc, ml, q_starts, out.stride(0), out.stride(1), m_tiles, splits, HKV=HKV, G=G, NQ=n_q, D=D,
-            BLOCK_M=block_m, num_warps=4)
+            BLOCK_M=block_m, ROWS=rows, SPLITS_P2=splits_p2, num_warps=4)
     return out
 
 

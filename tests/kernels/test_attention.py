@@ -4,7 +4,7 @@ import torch
 
 from tests.kernels.conftest import DEVICE, DTYPES, assert_close_tiered
 
-from fastdllm_kernels.attention.kernel import decode_attention, decode_plan, prefill_attention
+from fastdllm_kernels.attention.kernel import DecodePlan, decode_attention, decode_plan, prefill_attention
 from fastdllm_kernels.attention.reference import decode_attention_ref, extend_attention_ref
 
 
@@ -14,7 +14,7 @@ def _caches(slots, hkv, S, D, dtype):
         torch.randn(slots, hkv, 32, D, device=DEVICE).to(dtype)
 
 
-def _decode_case(dtype, hq, hkv, D, n_q, plens, tails, S=160):
+def _decode_case(dtype, hq, hkv, D, n_q, plens, tails, S=160, plan=None):
     R = len(plens)
     pk, pv, bk, bv = _caches(R + 1, hkv, S, D, dtype)
     q = torch.randn(R * n_q, hq, D, device=DEVICE).to(dtype)
@@ -22,7 +22,7 @@ def _decode_case(dtype, hq, hkv, D, n_q, plens, tails, S=160):
     args = (slots, torch.tensor(plens, device=DEVICE), torch.tensor(tails, device=DEVICE),
             torch.arange(R, device=DEVICE) * n_q)
     scale = D ** -0.5
-    tri = decode_attention(q, pk, pv, bk, bv, *args, n_q=n_q, scale=scale)
+    tri = decode_attention(q, pk, pv, bk, bv, *args, n_q=n_q, scale=scale, plan=plan)
     ref32 = decode_attention_ref(q.float(), pk.float(), pv.float(), bk.float(), bv.float(), *args, n_q, scale)
     lowp = None if dtype == torch.float32 else decode_attention_ref(q, pk, pv, bk, bv, *args, n_q, scale)
     assert_close_tiered(tri, ref32, lowp, "decode_attention")
@@ -37,9 +37,18 @@ def test_decode_attention_full_sub_and_commit_rows(dtype, hq, hkv, D, n_q):
 
 
 def test_decode_attention_one_row_with_many_splits():
-    block_m, m_tiles, splits, chunk, _ = decode_plan(1, 2, 2, 8, 160 + 32)
-    assert splits > 1                                    # the combine kernel is exercised
+    plan = decode_plan(1, 2, 2, 8, 160 + 32)
+    assert plan.splits > 1                               # the combine kernel is exercised
     _decode_case(torch.float32, 4, 2, 32, 8, plens=[157], tails=[1])
+
+
+@pytest.mark.parametrize("splits", [3, 12, 20])
+def test_decode_attention_splits_divide_each_rows_keys(splits):
+    # keys are divided among the splits per row at run time: 189 keys in tiles of 16 over 3 (uneven), 12
+    # (one tile each) and 20 splits (8 of them empty, which the combine must weigh 0); rows of other lengths
+    # (0 + 32 block keys, 64 without tail) share the launch
+    plan = DecodePlan(block_m=16, m_tiles=1, splits=splits, block_n=16)
+    _decode_case(torch.float32, 4, 2, 32, 8, plens=[157, 0, 64], tails=[1, 1, 0], S=192, plan=plan)
 
 
 def _prefill_case(dtype, hq, hkv, D, lens, starts, S=192):

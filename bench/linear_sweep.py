@@ -1,0 +1,127 @@
+"""Tune ``fused_linear`` at the decode shapes of the released models on this GPU.
+
+For each model, token count (8 = sub-block step, 32 = full-block / commit step) and projection (QKV with
+RMSNorm + bias, O with residual, gate/up with RMSNorm + SwiGLU, down with residual, LM head with RMSNorm and
+fp32 output), every candidate tiling and K split is timed as a CUDA graph of 20 calls. The best goes to
+``kernels/linear/tuned.json`` under this GPU's name (the runtime reads it) and to
+``bench/results/linear_sweep.jsonl`` next to cuBLAS's time for the bare matmul (no norm, no epilogue) and the
+floor (weight bytes at the measured copy bandwidth).
+
+    python bench/linear_sweep.py [--shapes 7B,1.5B] [--tokens 8,32] [--no-write]
+"""
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from common import DEVICE, SHAPES, copy_bandwidth_gbs, graph_time, record
+
+from fastdllm_kernels.linear import configs
+from fastdllm_kernels.linear.configs import LinearConfig, m_bucket, shape_key
+from fastdllm_kernels.linear.kernel import fused_linear
+from fastdllm_kernels.linear.reference import fused_linear_ref
+
+
+def projections(f: dict) -> dict:
+    d, inter, V = f["hidden_size"], f["intermediate_size"], f["vocab_size"]
+    hd = d // f["num_attention_heads"]
+    q, kv = f["num_attention_heads"] * hd, f["num_key_value_heads"] * hd
+    return {"qkv": dict(N=q + 2 * kv, K=d, norm=True, bias=True), "o": dict(N=d, K=q, residual=True),
+            "gate_up": dict(N=inter, K=d, norm=True, swiglu=True), "down": dict(N=d, K=inter, residual=True),
+            "head": dict(N=V, K=d, norm=True, fp32=True)}
+
+
+def candidates(M: int, N: int, K: int, swiglu: bool, num_sms: int):
+    bm = m_bucket(M)
+    for bn in (32, 64, 128):
+        for bk in (128, 256):
+            stage_bytes = (bn * (2 if swiglu else 1) + bm) * bk * 2
+            stages = max(2, min(6, (96 << 10) // stage_bytes))
+            if stages * stage_bytes > (200 << 10):
+                continue
+            warps = 8 if bn * bk >= 128 * 256 else 4
+            tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
+            for split in (1, 2, 3, 4, 6, 8, 12, 16):
+                if split > 1 and K // split < 2 * bk:
+                    continue
+                if split > 1 and (tiles * split > 16 * num_sms or (tiles * split < num_sms // 2 and split < 16)):
+                    continue
+                yield LinearConfig(bm, bn, bk, split, warps, stages)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="7B,1.5B")
+    ap.add_argument("--tokens", default="8,32")
+    ap.add_argument("--no-write", action="store_true", help="do not update kernels/linear/tuned.json")
+    args = ap.parse_args()
+    command = "python bench/linear_sweep.py --shapes {} --tokens {}".format(args.shapes, args.tokens)
+    assert DEVICE == "cuda", "the sweep times kernels on a GPU"
+    gpu = torch.cuda.get_device_name()
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    bw = copy_bandwidth_gbs()
+    table = configs.tuned_table()
+    tuned = dict(table.get(gpu, {}))
+    rows = []
+    t_start = time.time()
+    for shape in args.shapes.split(","):
+        f = SHAPES[shape]
+        for name, p in projections(f).items():
+            N, K, swiglu = p["N"], p["K"], p.get("swiglu", False)
+            rows_w = 2 * N if swiglu else N
+            g = torch.Generator(device=DEVICE).manual_seed(0)
+            w = (torch.randn(rows_w, K, device=DEVICE, generator=g) * 0.02).to(torch.bfloat16)
+            kw = {"swiglu": swiglu, "out_dtype": torch.float32 if p.get("fp32") else None}
+            if p.get("norm"):
+                kw.update(norm_weight=torch.ones(K, device=DEVICE, dtype=torch.bfloat16), eps=1e-6)
+            if p.get("bias"):
+                kw["bias"] = (torch.randn(rows_w, device=DEVICE, generator=g) * 0.02).to(torch.bfloat16)
+            floor_ms = w.numel() * 2 / (bw * 1e9) * 1e3
+            for M in (int(t) for t in args.tokens.split(",")):
+                x = torch.randn(M, K, device=DEVICE, generator=g).to(torch.bfloat16)
+                call = dict(kw)
+                if p.get("residual"):
+                    call["residual"] = torch.randn(M, N, device=DEVICE, generator=g).to(torch.bfloat16)
+                cublas = graph_time(lambda: F.linear(x, w))["p50_ms"]
+                best, best_ms, tried = None, float("inf"), 0
+                for cfg in candidates(M, N, K, swiglu, num_sms):
+                    try:
+                        ms = graph_time(lambda: fused_linear(x, w, config=cfg, **call), reps=20, iters=10)["p50_ms"]
+                    except Exception as e:  # noqa: BLE001 - a tiling this GPU cannot run (shared memory)
+                        print(f"  skip {cfg}: {type(e).__name__}")
+                        continue
+                    tried += 1
+                    if ms < best_ms:
+                        best, best_ms = cfg, ms
+                got = fused_linear(x, w, config=best, **call).float()
+                ref = fused_linear_ref(x.float(), w.float(), **{k: (v.float() if torch.is_tensor(v) else v)
+                                                                for k, v in call.items()})
+                rel = float((got - ref).norm() / ref.norm())
+                assert rel < 1e-2, f"{shape} {name} M={M}: relative error {rel:.2e} against fp32"
+                tuned[shape_key(M, N, K, swiglu)] = best.to_json()
+                rows.append(record("linear_sweep", model=shape, projection=name, tokens=M, N=N, K=K,
+                                   weight_bytes=w.numel() * 2, ours_ms=best_ms, cublas_matmul_ms=cublas,
+                                   floor_ms=floor_ms, ours_TBps=w.numel() * 2 / best_ms / 1e9,
+                                   cublas_TBps=w.numel() * 2 / cublas / 1e9, copy_GBps=bw, config=best.to_json(),
+                                   candidates=tried, rel_err_vs_fp32=rel, command=command))
+                print(f"{shape:4} {name:8} M={M:2d} ours {best_ms * 1e3:7.1f} us  cublas {cublas * 1e3:7.1f} us  "
+                      f"floor {floor_ms * 1e3:7.1f} us  {best}  ({time.time() - t_start:.0f}s)", flush=True)
+    if not args.no_write:
+        table = {**configs.tuned_table(), gpu: dict(sorted(tuned.items()))}
+        with open(configs.TUNED_PATH, "w") as fh:
+            json.dump(table, fh, indent=1, sort_keys=True)
+        configs.tuned_table.cache_clear()
+        print(f"wrote {len(tuned)} entries for {gpu} to {configs.TUNED_PATH}")
+    print(f"copy bandwidth {bw:.0f} GB/s (read + write)")
+    print(f"{'model':5} {'proj':8} {'M':>3} {'ours us':>8} {'cuBLAS us':>9} {'floor us':>8} {'x floor':>7} {'TB/s':>5}")
+    for r in rows:
+        print(f"{r['model']:5} {r['projection']:8} {r['tokens']:3d} {r['ours_ms'] * 1e3:8.1f} "
+              f"{r['cublas_matmul_ms'] * 1e3:9.1f} {r['floor_ms'] * 1e3:8.1f} {r['ours_ms'] / r['floor_ms']:7.2f} "
+              f"{r['ours_TBps']:5.2f}")
+
+
+if __name__ == "__main__":
+    main()

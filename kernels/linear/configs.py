@@ -1,0 +1,63 @@
+"""Launch configurations for ``fused_linear``.
+
+``pick_config`` looks the shape up in ``tuned.json`` (written by ``bench/linear_sweep.py`` on a GPU, keyed by
+the GPU's name, then ``"<M bucket>,<output columns>,<K>,<swiglu>"``) and otherwise derives one: a token tile
+covering M, 64 output columns, and enough K splits for about two programs per SM (a weight-streaming kernel
+needs every SM pulling bytes)."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import triton
+
+TUNED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned.json")
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def m_bucket(M: int) -> int:
+    return 16 if M <= 16 else 32 if M <= 32 else 64
+
+
+def shape_key(M: int, N: int, K: int, swiglu: bool) -> str:
+    return f"{m_bucket(M)},{N},{K},{int(swiglu)}"
+
+
+@functools.lru_cache(maxsize=None)
+def device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+@functools.lru_cache(maxsize=1)
+def tuned_table() -> dict:
+    if not os.path.exists(TUNED_PATH):
+        return {}
+    with open(TUNED_PATH) as f:
+        return json.load(f)
+
+
+def pick_config(M: int, N: int, K: int, swiglu: bool = False, num_sms: int = 132, gpu: str = "cpu") -> LinearConfig:
+    tuned = tuned_table().get(gpu, {}).get(shape_key(M, N, K, swiglu))
+    if tuned is not None:
+        return LinearConfig(**tuned)
+    bm = m_bucket(M)
+    block_n, block_k = (32 if swiglu else 64), 128
+    tiles = triton.cdiv(N, block_n) * triton.cdiv(M, bm)
+    max_split = max(1, K // (4 * block_k))
+    split_k = max(1, min(max_split, triton.cdiv(2 * num_sms, tiles)))
+    return LinearConfig(bm, block_n, block_k, split_k)

@@ -1,0 +1,188 @@
+"""A linear layer for the decode step's few tokens (M <= 64), streaming the weight once at full bandwidth.
+
+At batch 1 a step multiplies 8 or 32 tokens by every weight of the model, so its time is the weight read.
+cuBLAS reaches ~2.6 TB/s at these shapes on an H100 and every norm, bias, activation and residual add around
+it is another launch. This kernel fuses what surrounds the matmul:
+
+* prologue: RMSNorm of the input. The weight ``gamma`` multiplies the input tile as it is loaded and the
+  row's ``1/rms`` scales the accumulator at the end (the sum of squares accumulates over the same K tiles the
+  dot product reads, so the norm costs no extra pass);
+* epilogue: bias, SwiGLU (gate and up columns of one tile are two accumulators, so the [M, 2F] activation is
+  never written), residual add, and the output dtype (fp32 logits straight from the head).
+
+Split-K: when the output has too few column tiles to occupy every SM, the K range is split across programs.
+Each split stores its partial tile (and partial sums of squares) to a workspace and bumps a per-tile counter;
+the split that arrives last sums all partials in split order - deterministic - runs the epilogue, and resets
+the counter to zero, so the next call (or CUDA-graph replay) starts clean without a memset.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import LinearConfig, device_name, pick_config
+
+_COUNTERS: dict = {}
+MAX_TILES = 1 << 16
+
+
+@triton.jit
+def _partial_tile(p_x, p_w, p_gamma, rm, rn, m_ok, n_ok, k_lo, K, N_HALF, stride_xm, stride_wn,
+                  K_PER_SPLIT, NORM: tl.constexpr, SWIGLU: tl.constexpr, EVEN_K: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr):
+    """x[rm, k_lo:k_lo+K_PER_SPLIT] @ W[rn, same]^T (and the up rows rn + N_HALF under SWIGLU), with the
+    sum of squares of the x rows over the same range."""
+    rk = tl.arange(0, BLOCK_K)
+    x_ptrs = p_x + rm[:, None].to(tl.int64) * stride_xm + (k_lo + rk)[None, :]
+    w_ptrs = p_w + rn[:, None].to(tl.int64) * stride_wn + (k_lo + rk)[None, :]
+    u_ptrs = w_ptrs + N_HALF * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    ss = tl.zeros([BLOCK_M], tl.float32)
+    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0, eviction_policy="evict_first")
+        else:
+            k_ok = (k_lo + k0 + rk) < K
+            x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
+        if NORM:
+            xf = x.to(tl.float32)
+            ss += tl.sum(xf * xf, axis=1)
+            if EVEN_K:
+                g = tl.load(p_gamma + k_lo + k0 + rk)
+            else:
+                g = tl.load(p_gamma + k_lo + k0 + rk, mask=(k_lo + k0 + rk) < K, other=0.0)
+            x = (xf * g.to(tl.float32)).to(w.dtype)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
+        if SWIGLU:
+            if EVEN_K:
+                u = tl.load(u_ptrs, mask=n_ok[:, None], other=0.0, eviction_policy="evict_first")
+            else:
+                u = tl.load(u_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
+            acc_u = tl.dot(x, tl.trans(u), acc_u, input_precision=DOT_PREC)
+            u_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    return acc, acc_u, ss
+
+
+# M and the split are runtime values (one compiled kernel serves every token count and split; K_PER_SPLIT is
+# specialised on divisibility by 16 as usual, which keeps the weight loads vectorised)
+@triton.jit(do_not_specialize=["M", "SPLIT_K"])
+def fused_linear_kernel(
+        p_x, p_w, p_out, p_gamma, p_bias, p_res, p_ws, p_ss, p_count,
+        M, N, K, stride_xm, stride_wn, stride_om, stride_rm, eps,
+        K_PER_SPLIT, SPLIT_K, NORM: tl.constexpr, BIAS: tl.constexpr,
+        SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    acc, acc_u, ss = _partial_tile(p_x, p_w, p_gamma, rm, rn, m_ok, n_ok, pid_k * K_PER_SPLIT, K, N,
+                                   stride_xm, stride_wn, K_PER_SPLIT, NORM, SWIGLU, EVEN_K,
+                                   BLOCK_M, BLOCK_N, BLOCK_K, DOT_PREC)
+    if SPLIT_K > 1:
+        tile = pid_m * tl.num_programs(0) + pid_n
+        tile_elems = BLOCK_M * BLOCK_N * (2 if SWIGLU else 1)
+        offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        ws = p_ws + tile.to(tl.int64) * SPLIT_K * tile_elems
+        tl.store(ws + pid_k * tile_elems + offs, acc)
+        if SWIGLU:
+            tl.store(ws + pid_k * tile_elems + BLOCK_M * BLOCK_N + offs, acc_u)
+        if NORM:
+            tl.store(p_ss + (tile * SPLIT_K + pid_k) * BLOCK_M + tl.arange(0, BLOCK_M), ss)
+        tl.debug_barrier()                           # every thread's partial is written before the release
+        arrived = tl.atomic_add(p_count + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:                   # the last split reduces, in split order
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            ss = tl.zeros([BLOCK_M], tl.float32)
+            for s in range(SPLIT_K):
+                acc += tl.load(ws + s * tile_elems + offs, cache_modifier=".cg")
+                if SWIGLU:
+                    acc_u += tl.load(ws + s * tile_elems + BLOCK_M * BLOCK_N + offs, cache_modifier=".cg")
+                if NORM:
+                    ss += tl.load(p_ss + (tile * SPLIT_K + s) * BLOCK_M + tl.arange(0, BLOCK_M), cache_modifier=".cg")
+            tl.atomic_xchg(p_count + tile, 0)
+            _epilogue(acc, acc_u, ss, rm, rn, m_ok, n_ok, p_out, p_bias, p_res, K, stride_om, stride_rm, eps,
+                      NORM, BIAS, SWIGLU, RESIDUAL)
+    else:
+        _epilogue(acc, acc_u, ss, rm, rn, m_ok, n_ok, p_out, p_bias, p_res, K, stride_om, stride_rm, eps,
+                  NORM, BIAS, SWIGLU, RESIDUAL)
+
+
+@triton.jit
+def _epilogue(acc, acc_u, ss, rm, rn, m_ok, n_ok, p_out, p_bias, p_res, K, stride_om, stride_rm, eps,
+              NORM: tl.constexpr, BIAS: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr):
+    if NORM:
+        rstd = tl.rsqrt(ss / K + eps)
+        acc = acc * rstd[:, None]
+        acc_u = acc_u * rstd[:, None]
+    if BIAS:
+        acc += tl.load(p_bias + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if SWIGLU:
+        acc = acc * tl.sigmoid(acc) * acc_u
+    mask = m_ok[:, None] & n_ok[None, :]
+    if RESIDUAL:
+        acc += tl.load(p_res + rm[:, None].to(tl.int64) * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(p_out + rm[:, None].to(tl.int64) * stride_om + rn[None, :], acc.to(p_out.dtype.element_ty), mask=mask)
+
+
+def _counters(device) -> torch.Tensor:
+    """Per-device split-K arrival counters (zero between calls: the last split of each tile resets its own).
+    Allocated by the first call, which must not be inside a CUDA-graph capture (the runtime warms up first)."""
+    key = (device.type, device.index)
+    c = _COUNTERS.get(key)
+    if c is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("fused_linear: run one eager call before capturing a CUDA graph "
+                               "(its split-K counters must outlive the graph)")
+        c = _COUNTERS[key] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
+    return c
+
+
+def fused_linear(x, weight, *, norm_weight=None, eps: float = 1e-6, bias=None, swiglu: bool = False,
+                 residual=None, out_dtype=None, config: LinearConfig | None = None, num_sms: int = 132):
+    """Fused ``[residual +] act(rmsnorm(x) @ weight.T + bias)``; see ``reference.fused_linear_ref``.
+
+    x [M, K] (unit last stride); weight [N, K] contiguous rows (``[2F, K]`` gate then up under ``swiglu``)."""
+    M, K = x.shape
+    N = weight.shape[0] // (2 if swiglu else 1)
+    assert x.stride(-1) == 1 and weight.stride(-1) == 1 and weight.shape[1] == K, (x.shape, weight.shape)
+    assert not swiglu or weight.shape[0] % 2 == 0
+    out = torch.empty(M, N, dtype=out_dtype or x.dtype, device=x.device)
+    if M == 0:
+        return out
+    cfg = config or pick_config(M, N, K, swiglu, num_sms, device_name(x.device))
+    m_tiles, n_tiles = triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n)
+    k_per_split = triton.cdiv(triton.cdiv(K, cfg.split_k), cfg.block_k) * cfg.block_k
+    split_k = triton.cdiv(K, k_per_split)
+    even_k = K % cfg.block_k == 0 and k_per_split * split_k == K
+    dummy = out
+    if split_k > 1:
+        tiles = m_tiles * n_tiles
+        assert tiles <= MAX_TILES, f"fused_linear: {tiles} output tiles exceed {MAX_TILES}"
+        ws = torch.empty(tiles * split_k * cfg.block_m * cfg.block_n * (2 if swiglu else 1), dtype=torch.float32,
+                         device=x.device)
+        ss = torch.empty(tiles * split_k * cfg.block_m, dtype=torch.float32, device=x.device)
+        count = _counters(x.device)
+    else:
+        ws = ss = count = dummy
+    if residual is not None:
+        assert residual.shape == (M, N) and residual.stride(-1) == 1, (residual.shape, (M, N))
+    fused_linear_kernel[(n_tiles, split_k, m_tiles)](
+        x, weight, out, norm_weight if norm_weight is not None else dummy, bias if bias is not None else dummy,
+        residual if residual is not None else dummy, ws, ss, count,
+        M, N, K, x.stride(0), weight.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0,
+        eps, K_PER_SPLIT=k_per_split, SPLIT_K=split_k, NORM=norm_weight is not None, BIAS=bias is not None,
+        SWIGLU=swiglu, RESIDUAL=residual is not None, EVEN_K=even_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out

@@ -1,0 +1,92 @@
+"""fused_linear (norm prologue, bias / SwiGLU / residual epilogues, split-K) against the HF-order reference."""
+import json
+
+import pytest
+import torch
+
+from tests.kernels.conftest import DEVICE, DTYPES, assert_close_tiered
+
+from fastdllm_kernels.linear import configs
+from fastdllm_kernels.linear.configs import LinearConfig, pick_config
+from fastdllm_kernels.linear.kernel import _COUNTERS, fused_linear
+from fastdllm_kernels.linear.reference import fused_linear_ref
+
+FUSIONS = {
+    "plain": dict(),
+    "norm_bias": dict(norm=True, bias=True),                       # QKV
+    "residual": dict(residual=True),                               # O, down
+    "norm_swiglu": dict(norm=True, swiglu=True),                   # gate/up
+    "norm_fp32_out": dict(norm=True, out_dtype=torch.float32),     # LM head
+}
+
+
+def _case(dtype, M, N, K, fusion, config):
+    f = FUSIONS[fusion]
+    rows = 2 * N if f.get("swiglu") else N
+    x = torch.randn(M, K, device=DEVICE).to(dtype)
+    w = (torch.randn(rows, K, device=DEVICE) / K ** 0.5).to(dtype)
+    kw = {"swiglu": f.get("swiglu", False), "out_dtype": f.get("out_dtype")}
+    if f.get("norm"):
+        kw["norm_weight"] = (1 + 0.2 * torch.randn(K, device=DEVICE)).to(dtype)
+        kw["eps"] = 1e-6
+    if f.get("bias"):
+        kw["bias"] = (0.1 * torch.randn(rows, device=DEVICE)).to(dtype)
+    if f.get("residual"):
+        kw["residual"] = torch.randn(M, N, device=DEVICE).to(dtype)
+    tri = fused_linear(x, w, config=config, **kw)
+    assert tri.shape == (M, N) and tri.dtype == (kw["out_dtype"] or dtype)
+    up = {k: (v.float() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    ref32 = fused_linear_ref(x.float(), w.float(), **up)
+    lowp = None if dtype == torch.float32 else fused_linear_ref(x, w, **kw)
+    assert_close_tiered(tri, ref32, lowp, f"fused_linear[{fusion}]", fp32_tol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+@pytest.mark.parametrize("M", [1, 8, 32])
+def test_fused_linear_each_fusion_one_pass(dtype, fusion, M):
+    _case(dtype, M, 80, 256, fusion, LinearConfig(block_m=16 if M <= 16 else 32, block_n=32, block_k=64))
+
+
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+@pytest.mark.parametrize("split_k, K", [(2, 256), (3, 320), (5, 200)])
+def test_fused_linear_split_k_reduces_every_partial_once(fusion, split_k, K):
+    # 320 = 5 tiles of 64 over 3 splits (uneven), 200 not a multiple of the tile (masked tail); 40 token rows
+    # over two row tiles, 48 columns over two column tiles with a ragged edge
+    _case(torch.float32, 40, 48, K, fusion, LinearConfig(block_m=32, block_n=32, block_k=64, split_k=split_k))
+    # the last split of every tile resets its counter: the next call starts from zero
+    assert all(int(c.abs().sum()) == 0 for c in _COUNTERS.values())
+
+
+def test_fused_linear_split_k_is_deterministic():
+    x = torch.randn(8, 512, device=DEVICE)
+    w = torch.randn(64, 512, device=DEVICE)
+    cfg = LinearConfig(block_m=16, block_n=32, block_k=64, split_k=4)
+    a = fused_linear(x, w, config=cfg)
+    assert torch.equal(a, fused_linear(x, w, config=cfg))
+
+
+def test_pick_config_reads_the_tuned_table(monkeypatch, tmp_path):
+    path = tmp_path / "tuned.json"
+    entry = LinearConfig(block_m=32, block_n=128, block_k=256, split_k=3, num_warps=8, num_stages=3)
+    path.write_text(json.dumps({"Some GPU": {"32,4608,3584,0": entry.to_json()}}))
+    monkeypatch.setattr(configs, "TUNED_PATH", str(path))
+    configs.tuned_table.cache_clear()
+    try:
+        assert pick_config(32, 4608, 3584, False, 132, "Some GPU") == entry
+        assert pick_config(20, 4608, 3584, False, 132, "Some GPU") == entry        # same M bucket
+        derived = pick_config(32, 4608, 3584, False, 132, "Other GPU")
+        assert derived != entry and derived.block_m == 32
+        # derived: enough splits for ~2 programs per SM, never splits thinner than 4 K tiles
+        tiles = -(-4608 // derived.block_n)
+        assert tiles * derived.split_k >= 132 or derived.split_k == 3584 // (4 * derived.block_k)
+    finally:
+        configs.tuned_table.cache_clear()
+
+
+def test_fused_linear_rejects_mismatched_shapes():
+    x = torch.randn(4, 64, device=DEVICE)
+    with pytest.raises(AssertionError):
+        fused_linear(x, torch.randn(32, 48, device=DEVICE))
+    with pytest.raises(AssertionError):
+        fused_linear(x, torch.randn(32, 64, device=DEVICE), residual=torch.randn(4, 16, device=DEVICE))
