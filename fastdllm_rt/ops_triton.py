@@ -1,10 +1,11 @@
 """The ``triton`` backend: the transformer in Triton kernels (``fastdllm_kernels``).
 
-Decode steps (at most ``FUSED_MAX_TOKENS`` tokens) are weight-bound: their four matmuls per layer are
-``fused_linear`` kernels that stream the weight once and carry the layer's other work with them - RMSNorm
-into the QKV and gate/up matmuls, bias into QKV, SwiGLU into gate/up, the residual adds into O and down - so a
-layer is QKV, one RoPE + KV-cache-write kernel, attention (decode kernel for full-block, sub-block and commit
-rows; block-causal kernel for windows that span blocks), O, gate/up, down. Larger forwards (prefill, scoring)
+Decode steps (at most ``FUSED_MAX_TOKENS`` tokens) are weight-bound: their four matmuls per layer go through
+``fastdllm_kernels.linear.dispatch.linear``, mostly ``fused_linear`` kernels that stream the weight once and
+carry the layer's other work with them - RMSNorm into the QKV and gate/up matmuls, bias into QKV, SwiGLU into
+gate/up, the residual adds into O and down (per shape, the strategy measured fastest on the GPU) - so a layer
+is QKV, one RoPE + KV-cache-write kernel, attention (decode kernel for full-block, sub-block and commit rows;
+block-causal kernel for windows that span blocks), O, gate/up, down. Larger forwards (prefill, scoring)
 are compute-bound and use cuBLAS with the RMSNorm / SwiGLU kernels and cuBLAS's residual-add epilogue.
 
 Everything ``prepare`` derives from a batch lives on the device and depends on host values only through the
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdllm_kernels.attention.kernel import decode_attention, prefill_attention
-from fastdllm_kernels.linear.kernel import fused_linear
+from fastdllm_kernels.linear.dispatch import linear
 from fastdllm_kernels.rms_norm.kernel import add_rms_norm, rms_norm
 from fastdllm_kernels.rope.kernel import rope_write
 from fastdllm_kernels.rope.reference import rope_ref
@@ -51,20 +52,19 @@ class TritonOps:
 
     def norm_linear(self, x, norm, weight, bias=None, out_dtype=None):
         if x.shape[0] <= FUSED_MAX_TOKENS:
-            return fused_linear(x, weight, norm_weight=norm.weight, eps=norm.eps, bias=bias, out_dtype=out_dtype,
-                                num_sms=self._num_sms)
+            return linear(x, weight, norm_weight=norm.weight, eps=norm.eps, bias=bias, out_dtype=out_dtype,
+                          num_sms=self._num_sms)
         y = F.linear(rms_norm(x, norm.weight, norm.eps), weight, bias)
         return y if out_dtype is None else y.to(out_dtype)
 
     def linear_residual(self, a, weight, residual):
         if a.shape[0] <= FUSED_MAX_TOKENS:
-            return fused_linear(a, weight, residual=residual, num_sms=self._num_sms)
+            return linear(a, weight, residual=residual, num_sms=self._num_sms)
         return torch.addmm(residual, a, weight.t())          # cuBLAS adds the residual in its epilogue
 
     def norm_swiglu(self, x, norm, gate_up_weight):
         if x.shape[0] <= FUSED_MAX_TOKENS:
-            return fused_linear(x, gate_up_weight, norm_weight=norm.weight, eps=norm.eps, swiglu=True,
-                                num_sms=self._num_sms)
+            return linear(x, gate_up_weight, norm_weight=norm.weight, eps=norm.eps, swiglu=True, num_sms=self._num_sms)
         return swiglu(F.linear(rms_norm(x, norm.weight, norm.eps), gate_up_weight))
 
     def rope(self, q, k, cos, sin):                 # dense (training/reference) path only

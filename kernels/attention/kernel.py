@@ -138,20 +138,22 @@ class DecodePlan:
     block_m: int
     m_tiles: int
     splits: int
-    block_n: int = 64
+    block_n: int = 32
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
 
 
 def decode_plan(rows: int, kv_heads: int, group: int, n_q: int, max_keys: int, num_sms: int = 132,
-                block_m: int = 64, block_n: int = 64, max_splits: int = 32, **launch) -> DecodePlan:
+                block_m: int = 64, block_n: int = 32, max_splits: int = 64, **launch) -> DecodePlan:
     """Static launch shape for a decode call: tiles of ``block_m`` packed query rows and enough key splits
-    to give about two programs per SM (each row's keys are divided among the splits at run time). Depends only
-    on sizes, never on the current lengths."""
+    for about four programs per SM (each row's keys are divided among the splits at run time). At batch 1 the
+    op is latency-bound - a few MB of K/V over 4 KV heads - so many short splits win: on an H100
+    (bench/attention_sweep.py) key tiles of 32, 3 pipeline stages and 32-64 splits were fastest at prefixes
+    2k-8k. Depends only on sizes, never on the current lengths."""
     block_m = min(block_m, max(16, triton.next_power_of_2(group * n_q)))
     m_tiles = triton.cdiv(group * n_q, block_m)
     programs = rows * kv_heads * m_tiles
-    splits = max(1, min(max_splits, triton.cdiv(2 * num_sms, programs), triton.cdiv(max_keys, block_n)))
+    splits = max(1, min(max_splits, triton.cdiv(4 * num_sms, programs), triton.cdiv(max_keys, block_n)))
     return DecodePlan(block_m, m_tiles, splits, block_n, **launch)
 
 

@@ -1,9 +1,16 @@
-"""Launch configurations for ``fused_linear``.
+"""How a decode-step linear runs on this GPU: a strategy and a ``fused_linear`` launch configuration.
 
-``pick_config`` looks the shape up in ``tuned.json`` (written by ``bench/linear_sweep.py`` on a GPU, keyed by
-the GPU's name, then ``"<M bucket>,<output columns>,<K>,<swiglu>"``) and otherwise derives one: a token tile
-covering M, 64 output columns, and enough K splits for about two programs per SM (a weight-streaming kernel
-needs every SM pulling bytes)."""
+Strategies (``dispatch.linear`` carries them out):
+
+* ``fused`` - one ``fused_linear`` with the RMSNorm in its prologue;
+* ``norm_then_fused`` - the RMSNorm kernel, then ``fused_linear`` for the matmul and epilogue (the prologue
+  re-normalises the input tile in every program, which costs more than a launch when M is large);
+* ``cublas`` - the RMSNorm kernel, cuBLAS, and the epilogue as separate kernels.
+
+``tuned.json`` (written by ``bench/linear_sweep.py`` on a GPU, keyed by the GPU's name, then
+``"<M bucket>,<output columns>,<K>,<swiglu>"``) holds the fastest measured strategy and configuration;
+shapes it lacks run ``fused`` with a derived configuration: a token tile covering M, 64 output columns,
+and enough K splits for about two programs per SM (a weight-streaming kernel needs every SM pulling bytes)."""
 from __future__ import annotations
 
 import functools
@@ -51,10 +58,19 @@ def tuned_table() -> dict:
         return json.load(f)
 
 
-def pick_config(M: int, N: int, K: int, swiglu: bool = False, num_sms: int = 132, gpu: str = "cpu") -> LinearConfig:
+STRATEGIES = ("fused", "norm_then_fused", "cublas")
+
+
+def pick_strategy(M: int, N: int, K: int, swiglu: bool = False, gpu: str = "cpu") -> str:
     tuned = tuned_table().get(gpu, {}).get(shape_key(M, N, K, swiglu))
-    if tuned is not None:
-        return LinearConfig(**tuned)
+    return tuned["strategy"] if tuned is not None else "fused"
+
+
+def pick_config(M: int, N: int, K: int, swiglu: bool = False, num_sms: int = 132, gpu: str = "cpu") -> LinearConfig:
+    """The configuration tuned for the ``fused_linear`` call of the shape's strategy, else a derived one."""
+    tuned = tuned_table().get(gpu, {}).get(shape_key(M, N, K, swiglu))
+    if tuned is not None and tuned.get("config"):
+        return LinearConfig(**tuned["config"])
     bm = m_bucket(M)
     block_n, block_k = (32 if swiglu else 64), 128
     tiles = triton.cdiv(N, block_n) * triton.cdiv(M, bm)

@@ -7,7 +7,8 @@ import torch
 from tests.kernels.conftest import DEVICE, DTYPES, assert_close_tiered
 
 from fastdllm_kernels.linear import configs
-from fastdllm_kernels.linear.configs import LinearConfig, pick_config
+from fastdllm_kernels.linear.configs import STRATEGIES, LinearConfig, pick_config, pick_strategy
+from fastdllm_kernels.linear.dispatch import linear
 from fastdllm_kernels.linear.kernel import _COUNTERS, fused_linear
 from fastdllm_kernels.linear.reference import fused_linear_ref
 
@@ -66,15 +67,20 @@ def test_fused_linear_split_k_is_deterministic():
     assert torch.equal(a, fused_linear(x, w, config=cfg))
 
 
-def test_pick_config_reads_the_tuned_table(monkeypatch, tmp_path):
+def test_tuned_table_sets_strategy_and_config(monkeypatch, tmp_path):
     path = tmp_path / "tuned.json"
     entry = LinearConfig(block_m=32, block_n=128, block_k=256, split_k=3, num_warps=8, num_stages=3)
-    path.write_text(json.dumps({"Some GPU": {"32,4608,3584,0": entry.to_json()}}))
+    path.write_text(json.dumps({"Some GPU": {"32,4608,3584,0": {"strategy": "norm_then_fused",
+                                                                "config": entry.to_json()},
+                                             "16,4608,3584,0": {"strategy": "cublas", "config": None}}}))
     monkeypatch.setattr(configs, "TUNED_PATH", str(path))
     configs.tuned_table.cache_clear()
     try:
         assert pick_config(32, 4608, 3584, False, 132, "Some GPU") == entry
         assert pick_config(20, 4608, 3584, False, 132, "Some GPU") == entry        # same M bucket
+        assert pick_strategy(20, 4608, 3584, False, "Some GPU") == "norm_then_fused"
+        assert pick_strategy(8, 4608, 3584, False, "Some GPU") == "cublas"
+        assert pick_strategy(8, 4608, 3584, False, "Other GPU") == "fused"          # untuned: fused
         derived = pick_config(32, 4608, 3584, False, 132, "Other GPU")
         assert derived != entry and derived.block_m == 32
         # derived: enough splits for ~2 programs per SM, never splits thinner than 4 K tiles
@@ -82,6 +88,29 @@ def test_pick_config_reads_the_tuned_table(monkeypatch, tmp_path):
         assert tiles * derived.split_k >= 132 or derived.split_k == 3584 // (4 * derived.block_k)
     finally:
         configs.tuned_table.cache_clear()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("fusion", ["norm_bias", "residual", "norm_swiglu", "norm_fp32_out"])
+def test_every_strategy_computes_the_same_linear(strategy, fusion):
+    f = FUSIONS[fusion]
+    M, N, K = 8, 48, 128
+    rows = 2 * N if f.get("swiglu") else N
+    x, w = torch.randn(M, K, device=DEVICE), torch.randn(rows, K, device=DEVICE) / K ** 0.5
+    kw = {"swiglu": f.get("swiglu", False), "out_dtype": f.get("out_dtype")}
+    if f.get("norm"):
+        kw.update(norm_weight=1 + 0.2 * torch.randn(K, device=DEVICE), eps=1e-6)
+    if f.get("bias"):
+        kw["bias"] = 0.1 * torch.randn(rows, device=DEVICE)
+    if f.get("residual"):
+        kw["residual"] = torch.randn(M, N, device=DEVICE)
+    got = linear(x, w, strategy=strategy, config=LinearConfig(16, 32, 64, 2), **kw)
+    torch.testing.assert_close(got, fused_linear_ref(x, w, **kw), rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_strategy_is_refused():
+    with pytest.raises(ValueError, match="unknown linear strategy"):
+        linear(torch.randn(2, 64, device=DEVICE), torch.randn(16, 64, device=DEVICE), strategy="magic")
 
 
 def test_fused_linear_rejects_mismatched_shapes():
