@@ -17,7 +17,8 @@ setup(
     packages=["fastdllm_rt", "fastdllm_rt.train", "evalbridge", "evalbridge.tasks"] + KERNEL_PACKAGES,
     package_dir={"fastdllm_kernels": "kernels",
                  **{p: "kernels/" + p.split(".", 1)[1] for p in KERNEL_PACKAGES[1:]}},
-    package_data={"evalbridge.tasks": ["*.yaml", "data/*.jsonl"], "fastdllm_rt": ["small_model/*"]},
+    package_data={"evalbridge.tasks": ["*.yaml", "data/*.jsonl"], "fastdllm_rt": ["small_model/*"],
+                  "fastdllm_kernels.linear": ["tuned.json"]},
     include_package_data=True,
     install_requires=[
         # The CPU wheel used in CI is 2.13.0; the GPU machines carry 2.11 with Triton 3.6.

@@ -58,3 +58,27 @@ def test_fused_elementwise(timed, benchmark, op, tokens, provider):
     record("bench_ops", op=op, model="7B", tokens=tokens, provider=provider,
            median_ms=benchmark.stats.stats.median * 1e3, iqr_ms=benchmark.stats.stats.iqr * 1e3,
            timing="host clock, synchronised per call", command="python -m pytest bench/test_bench_ops.py")
+
+
+@pytest.mark.parametrize("provider", ["ours", "cublas_unfused"])
+@pytest.mark.parametrize("tokens", [8, 32])
+@pytest.mark.parametrize("projection", ["gate_up", "down"])
+def test_decode_linear(timed, benchmark, projection, tokens, provider):
+    """The 7B MLP projections at a step's token counts: ``linear`` as the runtime dispatches it (tuned.json)
+    against the cuBLAS sequence (RMSNorm, matmul, SwiGLU / residual add as separate kernels)."""
+    from fastdllm_kernels.linear.dispatch import linear
+
+    _, _, hidden, inter = HEADS["7B"]
+    dt = torch.bfloat16
+    if projection == "gate_up":
+        w, x = torch.randn(2 * inter, hidden, device=DEVICE, dtype=dt) * 0.02, torch.randn(tokens, hidden, device=DEVICE, dtype=dt)
+        kw = dict(norm_weight=torch.ones(hidden, device=DEVICE, dtype=dt), swiglu=True)
+    else:
+        w, x = torch.randn(hidden, inter, device=DEVICE, dtype=dt) * 0.02, torch.randn(tokens, inter, device=DEVICE, dtype=dt)
+        kw = dict(residual=torch.randn(tokens, hidden, device=DEVICE, dtype=dt))
+    strategy = None if provider == "ours" else "cublas"
+    timed(lambda: linear(x, w, strategy=strategy, **kw))
+    record("bench_ops", op=f"linear_{projection}", model="7B", tokens=tokens, provider=provider,
+           median_ms=benchmark.stats.stats.median * 1e3, iqr_ms=benchmark.stats.stats.iqr * 1e3,
+           weight_bytes=w.numel() * 2, timing="host clock, synchronised per call",
+           command="python -m pytest bench/test_bench_ops.py")

@@ -148,6 +148,13 @@ def _counters(device) -> torch.Tensor:
     return c
 
 
+def _f32_dummy(device) -> torch.Tensor:
+    key = ("f32", device.type, device.index)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(1, dtype=torch.float32, device=device)
+    return _COUNTERS[key]
+
+
 def fused_linear(x, weight, *, norm_weight=None, eps: float = 1e-6, bias=None, swiglu: bool = False,
                  residual=None, out_dtype=None, config: LinearConfig | None = None, num_sms: int = 132):
     """Fused ``[residual +] act(rmsnorm(x) @ weight.T + bias)``; see ``reference.fused_linear_ref``.
@@ -166,15 +173,15 @@ def fused_linear(x, weight, *, norm_weight=None, eps: float = 1e-6, bias=None, s
     split_k = triton.cdiv(K, k_per_split)
     even_k = K % cfg.block_k == 0 and k_per_split * split_k == K
     dummy = out
+    count = _counters(x.device)           # typed pointers even when unused: the split branch compiles anyway
     if split_k > 1:
         tiles = m_tiles * n_tiles
         assert tiles <= MAX_TILES, f"fused_linear: {tiles} output tiles exceed {MAX_TILES}"
         ws = torch.empty(tiles * split_k * cfg.block_m * cfg.block_n * (2 if swiglu else 1), dtype=torch.float32,
                          device=x.device)
         ss = torch.empty(tiles * split_k * cfg.block_m, dtype=torch.float32, device=x.device)
-        count = _counters(x.device)
     else:
-        ws = ss = count = dummy
+        ws = ss = _f32_dummy(x.device)
     if residual is not None:
         assert residual.shape == (M, N) and residual.stride(-1) == 1, (residual.shape, (M, N))
     fused_linear_kernel[(n_tiles, split_k, m_tiles)](
