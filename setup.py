@@ -7,7 +7,8 @@ publishes a distribution called ``kernels`` that transformers imports whenever i
 from setuptools import setup
 
 KERNEL_PACKAGES = ["fastdllm_kernels", "fastdllm_kernels.attention", "fastdllm_kernels.rms_norm",
-                   "fastdllm_kernels.rope", "fastdllm_kernels.swiglu", "fastdllm_kernels.select"]
+                   "fastdllm_kernels.rope", "fastdllm_kernels.swiglu", "fastdllm_kernels.select",
+                   "fastdllm_kernels.linear"]
 
 setup(
     name="fastdllm",
