@@ -9,8 +9,11 @@ Strategies (``dispatch.linear`` carries them out):
 
 ``tuned.json`` (written by ``bench/linear_sweep.py`` on a GPU, keyed by the GPU's name, then
 ``"<M bucket>,<output columns>,<K>,<swiglu>"``) holds the fastest measured strategy and configuration;
-shapes it lacks run ``fused`` with a derived configuration: a token tile covering M, 64 output columns,
-and enough K splits for about two programs per SM (a weight-streaming kernel needs every SM pulling bytes)."""
+a GPU without entries of its own uses those of a tuned GPU of the same compute capability. Shapes the table
+lacks run ``fused`` with a derived configuration (a token tile covering M, 64 output columns, and enough K
+splits for about two programs per SM: a weight-streaming kernel needs every SM pulling bytes) up to 32
+tokens, and ``cublas`` above: the H100 sweep found the prologue norm losing to separate kernels from 32
+tokens on (bench/RESULTS.md)."""
 from __future__ import annotations
 
 import functools
@@ -45,9 +48,20 @@ def shape_key(M: int, N: int, K: int, swiglu: bool) -> str:
     return f"{m_bucket(M)},{N},{K},{int(swiglu)}"
 
 
+# the GPUs the table was measured on, by compute capability: a GPU of the same generation borrows their entries
+TUNED_ON = {"9.0": "NVIDIA H100 80GB HBM3"}
+
+
 @functools.lru_cache(maxsize=None)
 def device_name(device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    """The table key for ``device``: its own name if tuned, else a tuned GPU of its compute capability."""
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device)
+    if name in tuned_table():
+        return name
+    cap = "{}.{}".format(*torch.cuda.get_device_capability(device))
+    return TUNED_ON.get(cap, name)
 
 
 @functools.lru_cache(maxsize=1)
@@ -63,7 +77,9 @@ STRATEGIES = ("fused", "norm_then_fused", "cublas")
 
 def pick_strategy(M: int, N: int, K: int, swiglu: bool = False, gpu: str = "cpu") -> str:
     tuned = tuned_table().get(gpu, {}).get(shape_key(M, N, K, swiglu))
-    return tuned["strategy"] if tuned is not None else "fused"
+    if tuned is not None:
+        return tuned["strategy"]
+    return "fused" if M <= 32 else "cublas"
 
 
 def pick_config(M: int, N: int, K: int, swiglu: bool = False, num_sms: int = 132, gpu: str = "cpu") -> LinearConfig:

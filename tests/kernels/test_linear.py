@@ -80,7 +80,8 @@ def test_tuned_table_sets_strategy_and_config(monkeypatch, tmp_path):
         assert pick_config(20, 4608, 3584, False, 132, "Some GPU") == entry        # same M bucket
         assert pick_strategy(20, 4608, 3584, False, "Some GPU") == "norm_then_fused"
         assert pick_strategy(8, 4608, 3584, False, "Some GPU") == "cublas"
-        assert pick_strategy(8, 4608, 3584, False, "Other GPU") == "fused"          # untuned: fused
+        assert pick_strategy(8, 4608, 3584, False, "Other GPU") == "fused"          # untuned: fused ...
+        assert pick_strategy(64, 4608, 3584, False, "Other GPU") == "cublas"        # ... up to 32 tokens
         derived = pick_config(32, 4608, 3584, False, 132, "Other GPU")
         assert derived != entry and derived.block_m == 32
         # derived: enough splits for ~2 programs per SM, never splits thinner than 4 K tiles
