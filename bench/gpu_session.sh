@@ -9,6 +9,9 @@ save() { (cd "$OUT" && tar cf results.tar results); }
 step() { echo "== $*" | tee -a "$OUT/log.txt"; "$@" 2>&1 | tee -a "$OUT/full.log" | tail -"${TAILN:-14}" | tee -a "$OUT/log.txt"; save; }
 
 TAILN=16 step python3 bench/steps.py --shapes 7B,1.5B --providers hf,triton --iters 30
+TAILN=10 step python3 bench/step_profile.py --shape 7B
+# --no-write: measure against the committed kernels/linear/tuned.json (drop it to retune for this GPU)
+TAILN=24 step python3 bench/linear_sweep.py --no-write
 TAILN=6 step python3 bench/e2e.py --shape 7B --batches 1,8,32 --hf-tokens 64
 TAILN=8 step python3 bench/scoring.py --shapes 7B,1.5B --questions 512 --orig-questions 16
 # one local task end to end through lm-eval on the GPU, CUDA-event timing, summary.json kept

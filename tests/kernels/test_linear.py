@@ -21,7 +21,8 @@ FUSIONS = {
 }
 
 
-def _case(dtype, M, N, K, fusion, config):
+def _inputs(dtype, M, N, K, fusion):
+    """x, weight and the keyword arguments of one fusion (weights scaled to unit-variance outputs)."""
     f = FUSIONS[fusion]
     rows = 2 * N if f.get("swiglu") else N
     x = torch.randn(M, K, device=DEVICE).to(dtype)
@@ -34,6 +35,11 @@ def _case(dtype, M, N, K, fusion, config):
         kw["bias"] = (0.1 * torch.randn(rows, device=DEVICE)).to(dtype)
     if f.get("residual"):
         kw["residual"] = torch.randn(M, N, device=DEVICE).to(dtype)
+    return x, w, kw
+
+
+def _case(dtype, M, N, K, fusion, config):
+    x, w, kw = _inputs(dtype, M, N, K, fusion)
     tri = fused_linear(x, w, config=config, **kw)
     assert tri.shape == (M, N) and tri.dtype == (kw["out_dtype"] or dtype)
     up = {k: (v.float() if torch.is_tensor(v) else v) for k, v in kw.items()}
@@ -94,17 +100,7 @@ def test_tuned_table_sets_strategy_and_config(monkeypatch, tmp_path):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("fusion", ["norm_bias", "residual", "norm_swiglu", "norm_fp32_out"])
 def test_every_strategy_computes_the_same_linear(strategy, fusion):
-    f = FUSIONS[fusion]
-    M, N, K = 8, 48, 128
-    rows = 2 * N if f.get("swiglu") else N
-    x, w = torch.randn(M, K, device=DEVICE), torch.randn(rows, K, device=DEVICE) / K ** 0.5
-    kw = {"swiglu": f.get("swiglu", False), "out_dtype": f.get("out_dtype")}
-    if f.get("norm"):
-        kw.update(norm_weight=1 + 0.2 * torch.randn(K, device=DEVICE), eps=1e-6)
-    if f.get("bias"):
-        kw["bias"] = 0.1 * torch.randn(rows, device=DEVICE)
-    if f.get("residual"):
-        kw["residual"] = torch.randn(M, N, device=DEVICE)
+    x, w, kw = _inputs(torch.float32, 8, 48, 128, fusion)
     got = linear(x, w, strategy=strategy, config=LinearConfig(16, 32, 64, 2), **kw)
     torch.testing.assert_close(got, fused_linear_ref(x, w, **kw), rtol=1e-4, atol=1e-4)
 
