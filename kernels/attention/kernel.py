@@ -148,7 +148,7 @@ def decode_plan(rows: int, kv_heads: int, group: int, n_q: int, max_keys: int, n
     """Static launch shape for a decode call: tiles of ``block_m`` packed query rows and enough key splits
     for about four programs per SM (each row's keys are divided among the splits at run time). At batch 1 the
     op is latency-bound - a few MB of K/V over 4 KV heads - so many short splits win: on an H100
-    (bench/attention_sweep.py) key tiles of 32, 3 pipeline stages and 32-64 splits were fastest at prefixes
+    (bench/attention_sweep.py, run 16) key tiles of 32-64 and 16-64 splits were fastest at prefixes
     2k-8k. Depends only on sizes, never on the current lengths."""
     block_m = min(block_m, max(16, triton.next_power_of_2(group * n_q)))
     m_tiles = triton.cdiv(group * n_q, block_m)

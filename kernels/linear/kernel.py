@@ -13,7 +13,8 @@ it is another launch. This kernel fuses what surrounds the matmul:
 Split-K: when the output has too few column tiles to occupy every SM, the K range is split across programs.
 Each split stores its partial tile (and partial sums of squares) to a workspace and bumps a per-tile counter;
 the split that arrives last sums all partials in split order - deterministic - runs the epilogue, and resets
-the counter to zero, so the next call (or CUDA-graph replay) starts clean without a memset.
+the counter to zero, so the next call (or CUDA-graph replay) starts clean without a memset. The counters are
+one buffer per device: calls must not run concurrently on two streams (the runtime issues them on one).
 """
 from __future__ import annotations
 
