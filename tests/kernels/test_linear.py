@@ -116,3 +116,20 @@ def test_fused_linear_rejects_mismatched_shapes():
         fused_linear(x, torch.randn(32, 48, device=DEVICE))
     with pytest.raises(AssertionError):
         fused_linear(x, torch.randn(32, 64, device=DEVICE), residual=torch.randn(4, 16, device=DEVICE))
+
+
+def test_shipped_tuned_table_is_well_formed():
+    configs.tuned_table.cache_clear()
+    table = configs.tuned_table()
+    assert "NVIDIA H100 80GB HBM3" in table and configs.TUNED_ON["9.0"] in table
+    for gpu, entries in table.items():
+        for key, entry in entries.items():
+            bm, n, k, swiglu = (int(v) for v in key.split(","))
+            assert bm in (16, 32, 64) and n > 0 and k > 0 and swiglu in (0, 1), key
+            assert entry["strategy"] in STRATEGIES, (gpu, key)
+            if entry["strategy"] == "cublas":
+                continue
+            cfg = LinearConfig(**entry["config"])
+            assert cfg.block_m == bm and cfg.split_k >= 1, (gpu, key, cfg)
+            for size in (cfg.block_m, cfg.block_n, cfg.block_k):
+                assert size >= 16 and size & (size - 1) == 0, (gpu, key, cfg)
