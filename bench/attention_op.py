@@ -13,7 +13,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import DEVICE, sync, copy_bandwidth_gbs, cuda_time, graph_time, record
+from common import DEVICE, copy_bandwidth_gbs, cuda_time, graph_time, record
 
 from fastdllm_kernels.attention.kernel import decode_attention
 from fastdllm_kernels.attention.reference import decode_attention_ref

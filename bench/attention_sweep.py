@@ -30,7 +30,7 @@ def main():
         G = hq // hkv
         for L, n in itertools.product((int(x) for x in args.prefixes.split(",")), (32, 8)):
             pk = torch.randn(1, hkv, L + 64, D, device=DEVICE, dtype=dt)
-            pv, bk, bv = torch.randn_like(pk), torch.randn(1, hkv, 32, D, device=DEVICE, dtype=dt), None
+            pv, bk = torch.randn_like(pk), torch.randn(1, hkv, 32, D, device=DEVICE, dtype=dt)
             bv = torch.randn_like(bk)
             q = torch.randn(n, hq, D, device=DEVICE, dtype=dt)
             meta = [torch.zeros(1, dtype=torch.long, device=DEVICE), torch.tensor([L], device=DEVICE),

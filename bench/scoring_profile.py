@@ -8,8 +8,6 @@ import argparse
 import collections
 import time
 
-import torch
-
 import fastdllm_rt
 from fastdllm_rt import engine as engine_mod
 from common import SHAPES, random_state_dict, record, sync

@@ -13,7 +13,7 @@ import gc
 
 import torch
 
-from common import (DEVICE, SHAPES, copy_bandwidth_gbs, env_info, cuda_time, hf_model, random_state_dict, record,
+from common import (SHAPES, copy_bandwidth_gbs, env_info, cuda_time, hf_model, random_state_dict, record,
                     step_weight_bytes, weight_bytes)
 
 import fastdllm_rt

@@ -38,7 +38,7 @@ def _download(repo_id: str, revision: str | None) -> str:
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     try:
         return huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=CHECKPOINT_PATTERNS)
-    except hub_errors.GatedRepoError as e:
+    except hub_errors.GatedRepoError:
         raise HubError(f"{repo_id} is a gated repository and this token has no access (or no token is set). "
                        f"Request access at https://huggingface.co/{repo_id}, then set HF_TOKEN or run "
                        f"`huggingface-cli login`") from None

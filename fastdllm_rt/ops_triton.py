@@ -1,6 +1,6 @@
 """The ``triton`` backend: the transformer in Triton kernels (``fastdllm_kernels``).
 
-Decode steps (at most ``FUSED_MAX_TOKENS`` tokens) are weight-bound: their four matmuls per layer go through
+Decode steps (at most ``fastdllm_kernels.linear.configs.FUSED_MAX_TOKENS`` tokens) are weight-bound: their four matmuls per layer go through
 ``fastdllm_kernels.linear.dispatch.linear``, mostly ``fused_linear`` kernels that stream the weight once and
 carry the layer's other work with them - RMSNorm into the QKV and gate/up matmuls, bias into QKV, SwiGLU into
 gate/up, the residual adds into O and down (per shape, the strategy measured fastest on the GPU) - so a layer
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import torch
 
-import torch.nn.functional as F
-
 from fastdllm_kernels.attention.kernel import decode_attention, prefill_attention
 from fastdllm_kernels.linear.dispatch import linear
 from fastdllm_kernels.rms_norm.kernel import add_rms_norm, rms_norm
@@ -28,7 +26,6 @@ from fastdllm_kernels.swiglu.kernel import swiglu
 from .batch import Kind
 from .ops import AttnContext
 
-FUSED_MAX_TOKENS = 64
 _DEST = {Kind.PLAIN: 0, Kind.PREFILL: 1, Kind.COMMIT: 1, Kind.FULL: 2, Kind.SUB: 2}
 
 
@@ -50,22 +47,16 @@ class TritonOps:
     def swiglu(self, gate_up):
         return swiglu(gate_up)
 
+    # the layer's matmuls: ``linear`` picks per shape (fused kernels for decode steps, cuBLAS above them)
     def norm_linear(self, x, norm, weight, bias=None, out_dtype=None):
-        if x.shape[0] <= FUSED_MAX_TOKENS:
-            return linear(x, weight, norm_weight=norm.weight, eps=norm.eps, bias=bias, out_dtype=out_dtype,
-                          num_sms=self._num_sms)
-        y = F.linear(rms_norm(x, norm.weight, norm.eps), weight, bias)
-        return y if out_dtype is None else y.to(out_dtype)
+        return linear(x, weight, norm_weight=norm.weight, eps=norm.eps, bias=bias, out_dtype=out_dtype,
+                      num_sms=self._num_sms)
 
     def linear_residual(self, a, weight, residual):
-        if a.shape[0] <= FUSED_MAX_TOKENS:
-            return linear(a, weight, residual=residual, num_sms=self._num_sms)
-        return torch.addmm(residual, a, weight.t())          # cuBLAS adds the residual in its epilogue
+        return linear(a, weight, residual=residual, num_sms=self._num_sms)
 
     def norm_swiglu(self, x, norm, gate_up_weight):
-        if x.shape[0] <= FUSED_MAX_TOKENS:
-            return linear(x, gate_up_weight, norm_weight=norm.weight, eps=norm.eps, swiglu=True, num_sms=self._num_sms)
-        return swiglu(F.linear(rms_norm(x, norm.weight, norm.eps), gate_up_weight))
+        return linear(x, gate_up_weight, norm_weight=norm.weight, eps=norm.eps, swiglu=True, num_sms=self._num_sms)
 
     def rope(self, q, k, cos, sin):                 # dense (training/reference) path only
         return rope_ref(q, cos, sin), rope_ref(k, cos, sin)

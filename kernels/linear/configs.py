@@ -13,7 +13,8 @@ a GPU without entries of its own uses those of a tuned GPU of the same compute c
 lacks run ``fused`` with a derived configuration (a token tile covering M, 64 output columns, and enough K
 splits for about two programs per SM: a weight-streaming kernel needs every SM pulling bytes) up to 32
 tokens, and ``cublas`` above: the H100 sweep found the prologue norm losing to separate kernels from 32
-tokens on (bench/RESULTS.md)."""
+tokens on (bench/RESULTS.md). Above ``FUSED_MAX_TOKENS`` (prefill, scoring) a forward is compute-bound and
+always takes ``cublas``."""
 from __future__ import annotations
 
 import functools
@@ -24,6 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 import triton
 
+FUSED_MAX_TOKENS = 64
 TUNED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned.json")
 
 
@@ -75,8 +77,14 @@ def tuned_table() -> dict:
 STRATEGIES = ("fused", "norm_then_fused", "cublas")
 
 
+def _tuned(M: int, N: int, K: int, swiglu: bool, gpu: str) -> dict | None:
+    return tuned_table().get(gpu, {}).get(shape_key(M, N, K, swiglu))
+
+
 def pick_strategy(M: int, N: int, K: int, swiglu: bool = False, gpu: str = "cpu") -> str:
-    tuned = tuned_table().get(gpu, {}).get(shape_key(M, N, K, swiglu))
+    if M > FUSED_MAX_TOKENS:
+        return "cublas"
+    tuned = _tuned(M, N, K, swiglu, gpu)
     if tuned is not None:
         return tuned["strategy"]
     return "fused" if M <= 32 else "cublas"
@@ -84,7 +92,7 @@ def pick_strategy(M: int, N: int, K: int, swiglu: bool = False, gpu: str = "cpu"
 
 def pick_config(M: int, N: int, K: int, swiglu: bool = False, num_sms: int = 132, gpu: str = "cpu") -> LinearConfig:
     """The configuration tuned for the ``fused_linear`` call of the shape's strategy, else a derived one."""
-    tuned = tuned_table().get(gpu, {}).get(shape_key(M, N, K, swiglu))
+    tuned = _tuned(M, N, K, swiglu, gpu)
     if tuned is not None and tuned.get("config"):
         return LinearConfig(**tuned["config"])
     bm = m_bucket(M)

@@ -3,7 +3,6 @@ activation dtype where HF rounds): optional RMSNorm of the input, the projection
 gate/up halves, and the residual add."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from fastdllm_kernels.rms_norm.reference import rms_norm_ref

@@ -3,7 +3,6 @@
 One program per token: q [T, Hq, D] and k [T, Hkv, D] are rotated in place (rotate-half convention, in fp32,
 rounded once); when ``dest[t]`` is 1 the token's k/v go to the prefix cache at (slot[t], :, index[t]), when 2
 to the block cache at (slot[t], :, index[t] % bs); 0 writes nothing (plain forwards)."""
-import torch
 import triton
 import triton.language as tl
 

@@ -10,7 +10,6 @@ import pytest
 import lm_eval  # noqa: F401,E402  - the bridge is the lm-eval integration (pip install -e .[eval])
 
 import fastdllm_rt  # noqa: E402
-from tests.conftest import REPO  # noqa: E402
 
 MODEL = fastdllm_rt.small_model_path()
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -100,10 +99,7 @@ def test_multi_token_choices_move_with_k_and_report_skips():
     base = f"model={MODEL},use_block_cache=True,layer_subset=middle"
     lls = {}
     for k in (1, 2, 3):
-        from evalbridge import model as bridge
-
         results, tp = _evaluate(f"{base},reuse_k={k}", ["synth_mc_text"], 10)
-        lm = bridge.FastDLLMv2LM.instances[-1]
         lls[k] = tp["loglikelihood"]
         assert (tp["loglikelihood"]["layer_evaluations"]["skipped"] > 0) == (k > 1)
     # the scores themselves move: compare the runtime's scores on the task's requests

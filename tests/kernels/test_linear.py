@@ -78,7 +78,8 @@ def test_tuned_table_sets_strategy_and_config(monkeypatch, tmp_path):
     entry = LinearConfig(block_m=32, block_n=128, block_k=256, split_k=3, num_warps=8, num_stages=3)
     path.write_text(json.dumps({"Some GPU": {"32,4608,3584,0": {"strategy": "norm_then_fused",
                                                                 "config": entry.to_json()},
-                                             "16,4608,3584,0": {"strategy": "cublas", "config": None}}}))
+                                             "16,4608,3584,0": {"strategy": "cublas", "config": None},
+                                             "64,4608,3584,0": {"strategy": "fused", "config": None}}}))
     monkeypatch.setattr(configs, "TUNED_PATH", str(path))
     configs.tuned_table.cache_clear()
     try:
@@ -88,6 +89,9 @@ def test_tuned_table_sets_strategy_and_config(monkeypatch, tmp_path):
         assert pick_strategy(8, 4608, 3584, False, "Some GPU") == "cublas"
         assert pick_strategy(8, 4608, 3584, False, "Other GPU") == "fused"          # untuned: fused ...
         assert pick_strategy(64, 4608, 3584, False, "Other GPU") == "cublas"        # ... up to 32 tokens
+        # the 64-token bucket never reaches compute-bound forwards: above FUSED_MAX_TOKENS it is cuBLAS
+        assert pick_strategy(64, 4608, 3584, False, "Some GPU") == "fused"
+        assert pick_strategy(configs.FUSED_MAX_TOKENS + 1, 4608, 3584, False, "Some GPU") == "cublas"
         derived = pick_config(32, 4608, 3584, False, 132, "Other GPU")
         assert derived != entry and derived.block_m == 32
         # derived: enough splits for ~2 programs per SM, never splits thinner than 4 K tiles

@@ -105,8 +105,8 @@ def test_rerun_after_a_killed_job_redoes_only_the_unfinished_configuration(env, 
     broken = root / "k3_first"
     broken.mkdir(parents=True)
     (broken / "summary.json").write_text('{"complete": tr')    # a torn file (not ours: ours are atomic)
-    res = run_sh(e, "--tasks", "synth_arith", "--config", "k1_first", "--config", "k2_first", "--config",
-                 "k3_first", "--results", str(tmp_path / "res"))
+    run_sh(e, "--tasks", "synth_arith", "--config", "k1_first", "--config", "k2_first", "--config", "k3_first",
+           "--results", str(tmp_path / "res"))
     lines = submitted(log)
     assert len(lines) == 2 and not any("CONFIG=k1_first," in x for x in lines)
     assert json.loads((root / "k1_first" / "summary.json").read_text()) == {"complete": True}
