@@ -13,7 +13,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import DEVICE, copy_bandwidth_gbs, cuda_time, graph_time, record
+from common import DEVICE, copy_bandwidth_gbs, cuda_time, graph_time, record, without_pdl
 
 from fastdllm_kernels.attention.kernel import decode_attention
 from fastdllm_kernels.attention.reference import decode_attention_ref
@@ -54,8 +54,10 @@ def main():
                 vv = torch.cat([pv[:, :, :L], bv], dim=2)
                 qq = q.transpose(0, 1)[None]
                 mask = torch.ones(1, 1, n, L + 32, dtype=torch.bool, device=dev)
+                ours = lambda: decode_attention(q, pk, pv, bk, bv, *meta, n_q=n, scale=scale)  # noqa: E731
                 providers = {
-                    "ours": lambda: decode_attention(q, pk, pv, bk, bv, *meta, n_q=n, scale=scale),
+                    "ours": ours,
+                    "ours_nopdl": without_pdl(ours),
                     "sdpa_mask": lambda: F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale,
                                                                         enable_gqa=True),
                 }
@@ -65,7 +67,7 @@ def main():
                 kv_bytes = 2 * hkv * (L + 32) * D * 2
                 for name, fn in providers.items():
                     out = fn()
-                    got = out if name == "ours" else out[0].transpose(0, 1)
+                    got = out if name.startswith("ours") else out[0].transpose(0, 1)
                     rel = float((got.float() - ref).norm() / ref.norm())
                     eager = cuda_time(fn, warmup=10, iters=50)["p50_ms"]
                     try:

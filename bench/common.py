@@ -94,6 +94,21 @@ def graph_time(fn, reps: int = 20, iters: int = 20) -> dict:
     return {k: v / reps for k, v in t.items()}
 
 
+def without_pdl(fn):
+    """``fn`` run (and captured) with programmatic dependent launch off: the A/B baseline of kernels/launch.py."""
+    def call():
+        saved = os.environ.get("FASTDLLM_PDL")
+        os.environ["FASTDLLM_PDL"] = "0"
+        try:
+            return fn()
+        finally:
+            if saved is None:
+                os.environ.pop("FASTDLLM_PDL")
+            else:
+                os.environ["FASTDLLM_PDL"] = saved
+    return call
+
+
 def sync():
     if DEVICE == "cuda":
         torch.cuda.synchronize()

@@ -3,7 +3,8 @@
 For each model, token count (8 = sub-block step, 32 = full-block / commit step) and projection (QKV with
 RMSNorm + bias, O with residual, gate/up with RMSNorm + SwiGLU, down with residual, LM head with RMSNorm and
 fp32 output), every strategy (``kernels/linear/configs.py``) with every candidate tiling and K split is timed
-as a CUDA graph of 20 calls. The calls cycle through copies of the weight that together exceed the L2 cache
+as a CUDA graph of 20 calls (programmatic dependent launch as the runtime has it: on for Hopper unless
+FASTDLLM_PDL=0). The calls cycle through copies of the weight that together exceed the L2 cache
 three times over, so each call reads its weight from HBM as in a real step (a single 33 MB weight would stay
 in the 50 MB L2 and time faster than the HBM floor). The fastest strategy and configuration go to
 ``kernels/linear/tuned.json`` under this GPU's name (the runtime reads it) and to
@@ -22,6 +23,7 @@ import triton
 
 from common import DEVICE, SHAPES, copy_bandwidth_gbs, graph_time, record
 
+from fastdllm_kernels.launch import pdl_enabled
 from fastdllm_kernels.linear import configs
 from fastdllm_kernels.linear.configs import LinearConfig, m_bucket, shape_key
 from fastdllm_kernels.linear.dispatch import linear
@@ -129,7 +131,8 @@ def main():
                                    strategy_ms={k: v[0] for k, v in best.items()}, cublas_matmul_ms=cublas,
                                    floor_ms=floor_ms, ours_TBps=w.numel() * 2 / best_ms / 1e9,
                                    cublas_TBps=w.numel() * 2 / cublas / 1e9, copy_GBps=bw, config=cfg and cfg.to_json(),
-                                   candidates=tried, rel_err_vs_fp32=rel, command=command))
+                                   candidates=tried, rel_err_vs_fp32=rel, pdl=pdl_enabled(x.device),
+                                   command=command))
                 print(f"{shape:4} {name:8} M={M:2d} " + "  ".join(f"{k} {v[0] * 1e3:.1f}" for k, v in best.items())
                       + f"  cublas-matmul {cublas * 1e3:.1f}  floor {floor_ms * 1e3:.1f} us  {cfg}"
                       f"  ({time.time() - t_start:.0f}s)", flush=True)

@@ -4,12 +4,16 @@ Steps: ``full`` (32 queries, the block cache rebuilt), ``sub`` (8 queries agains
 ``commit`` (32 tokens appended to the prefix cache), ``sub_skip12`` (a sub-block step with 12 of 28 layers
 skipped by a reuse policy). Providers: ``hf`` (transformers Qwen2, eager, block-causal mask, DynamicCache: the
 original's path), ``torch`` (our runtime, PyTorch backend, eager), ``triton`` (our runtime, Triton kernels and
-CUDA graphs). The floor is the weight bytes a step must read over the measured copy bandwidth.
+CUDA graphs); ``triton+nopdl`` is ``triton`` with its graphs captured without programmatic dependent launch
+(``fastdllm_kernels/launch.py``).
+The floor is the weight bytes a step must read over the measured copy bandwidth.
 
-    python bench/steps.py --shapes 7B,1.5B --providers hf,torch,triton
+    python bench/steps.py --shapes 7B,1.5B --providers hf,torch,triton,triton+nopdl
 """
 import argparse
+import contextlib
 import gc
+import os
 
 import torch
 
@@ -75,6 +79,44 @@ def ours_steps(rt, prefix, policy_layers=12):
             "commit": lambda: fwd(Kind.COMMIT, prefix, block, logits=1)}
 
 
+def measure_provider(shape, fields, sd, provider, args, floor_ms, step_bytes, command) -> list:
+    if provider == "hf":
+        steps, keep = hf_steps(fields, sd, args.prefix)
+    else:
+        keep = fastdllm_rt.from_state_dict(fields, sd, dtype="bf16", backend=provider.split("+")[0], **IDS)
+        steps = ours_steps(keep, args.prefix)
+    out = []
+    for name, fn in steps.items():
+        with torch.inference_mode():
+            t = cuda_time(fn, warmup=5, iters=args.iters)
+        row = record("steps", shape=shape, provider=provider, step=name, prefix=args.prefix, batch=1,
+                     dtype="bf16", **t, floor_ms=floor_ms, ratio_to_floor=t["p50_ms"] / floor_ms,
+                     achieved_GBps=step_bytes / (t["p50_ms"] / 1e3) / 1e9, command=command)
+        out.append((shape, provider, name, t["p50_ms"], row["ratio_to_floor"]))
+    return out
+
+
+@contextlib.contextmanager
+def provider_env(provider: str):
+    """The environment a provider variant runs (and captures its graphs) under; restored afterwards."""
+    env = {}
+    for variant in provider.split("+")[1:]:
+        if variant == "nopdl":
+            env["FASTDLLM_PDL"] = "0"
+        else:
+            raise ValueError(f"unknown provider variant {variant!r} in {provider!r}")
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="7B,1.5B")
@@ -96,28 +138,17 @@ def main():
                p80_ms=floor_ms, weight_bytes=step_bytes, all_weights_ms=all_ms, command=command)
         table.append((shape, "floor", "weights", floor_ms, 1.0))
         for provider in args.providers.split(","):
-            if provider == "hf":
-                steps, keep = hf_steps(fields, sd, args.prefix)
-            else:
-                keep = fastdllm_rt.from_state_dict(fields, sd, dtype="bf16", backend=provider, **IDS)
-                steps = ours_steps(keep, args.prefix)
-            for name, fn in steps.items():
-                with torch.inference_mode():
-                    t = cuda_time(fn, warmup=5, iters=args.iters)
-                row = record("steps", shape=shape, provider=provider, step=name, prefix=args.prefix, batch=1,
-                             dtype="bf16", **t, floor_ms=floor_ms, ratio_to_floor=t["p50_ms"] / floor_ms,
-                             achieved_GBps=step_bytes / (t["p50_ms"] / 1e3) / 1e9, command=command)
-                table.append((shape, provider, name, t["p50_ms"], row["ratio_to_floor"]))
-            del steps, keep
+            with provider_env(provider):
+                table += measure_provider(shape, fields, sd, provider, args, floor_ms, step_bytes, command)
             gc.collect()
             torch.cuda.empty_cache()
         del sd
         gc.collect()
         torch.cuda.empty_cache()
     print(f"copy bandwidth {bw:.0f} GB/s on {env_info()['gpu']}")
-    print(f"{'shape':6} {'provider':8} {'step':11} {'p50 ms':>8} {'x floor':>8}")
+    print(f"{'shape':6} {'provider':14} {'step':11} {'p50 ms':>8} {'x floor':>8}")
     for shape, prov, name, ms, ratio in table:
-        print(f"{shape:6} {prov:8} {name:11} {ms:8.3f} {ratio:8.2f}")
+        print(f"{shape:6} {prov:14} {name:11} {ms:8.3f} {ratio:8.2f}")
 
 
 if __name__ == "__main__":

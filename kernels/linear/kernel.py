@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdllm_kernels.launch import pdl_enabled, wait_for_producer
+
 from .configs import LinearConfig, device_name, pick_config
 
 _COUNTERS: dict = {}
@@ -78,7 +80,8 @@ def fused_linear_kernel(
         M, N, K, stride_xm, stride_wn, stride_om, stride_rm, eps,
         K_PER_SPLIT, SPLIT_K, NORM: tl.constexpr, BIAS: tl.constexpr,
         SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
+        PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -86,6 +89,7 @@ def fused_linear_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
+    wait_for_producer(PDL)
     acc, acc_u, ss = _partial_tile(p_x, p_w, p_gamma, rm, rn, m_ok, n_ok, pid_k * K_PER_SPLIT, K, N,
                                    stride_xm, stride_wn, K_PER_SPLIT, NORM, SWIGLU, EVEN_K,
                                    BLOCK_M, BLOCK_N, BLOCK_K, DOT_PREC)
@@ -173,6 +177,7 @@ def fused_linear(x, weight, *, norm_weight=None, eps: float = 1e-6, bias=None, s
     k_per_split = triton.cdiv(triton.cdiv(K, cfg.split_k), cfg.block_k) * cfg.block_k
     split_k = triton.cdiv(K, k_per_split)
     even_k = K % cfg.block_k == 0 and k_per_split * split_k == K
+    pdl = pdl_enabled(x.device)
     dummy = out
     count = _counters(x.device)           # typed pointers even when unused: the split branch compiles anyway
     if split_k > 1:
@@ -189,8 +194,9 @@ def fused_linear(x, weight, *, norm_weight=None, eps: float = 1e-6, bias=None, s
         x, weight, out, norm_weight if norm_weight is not None else dummy, bias if bias is not None else dummy,
         residual if residual is not None else dummy, ws, ss, count,
         M, N, K, x.stride(0), weight.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0,
-        eps, K_PER_SPLIT=k_per_split, SPLIT_K=split_k, NORM=norm_weight is not None, BIAS=bias is not None,
-        SWIGLU=swiglu, RESIDUAL=residual is not None, EVEN_K=even_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        eps, K_PER_SPLIT=k_per_split, SPLIT_K=split_k, NORM=norm_weight is not None,
+        BIAS=bias is not None, SWIGLU=swiglu, RESIDUAL=residual is not None, EVEN_K=even_k,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl)
     return out

@@ -6,6 +6,8 @@ to the block cache at (slot[t], :, index[t] % bs); 0 writes nothing (plain forwa
 import triton
 import triton.language as tl
 
+from fastdllm_kernels.launch import pdl_enabled, wait_for_producer
+
 
 @triton.jit
 def rope_write_fwd_kernel(p_q, p_k, p_v, p_cos, p_sin, p_pos, p_dest, p_slot,
@@ -13,7 +15,8 @@ def rope_write_fwd_kernel(p_q, p_k, p_v, p_cos, p_sin, p_pos, p_dest, p_slot,
                           stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                           stride_ps, stride_ph, stride_pn, stride_bs, stride_bh, stride_bn,
                           HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                          BLOCK_H: tl.constexpr):
+                          BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+    wait_for_producer(PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(p_pos + t).to(tl.int64)
     half = D // 2
@@ -60,10 +63,12 @@ def rope_write(q, k, v, cos_table, sin_table, positions, dest, slots, prefix_k, 
     assert positions.shape == (T,) and dest.shape == (T,) and slots.shape == (T,)
     if T == 0:
         return q, k
+    pdl = pdl_enabled(q.device)
     rope_write_fwd_kernel[(T,)](
         q, k, v, cos_table, sin_table, positions, dest, slots, prefix_k, prefix_v, block_k, block_v,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
         block_k.stride(0), block_k.stride(1), block_k.stride(2),
-        HQ=HQ, HKV=HKV, D=D, BS=block_k.shape[2], BLOCK_H=triton.next_power_of_2(max(HQ, HKV)), num_warps=4)
+        HQ=HQ, HKV=HKV, D=D, BS=block_k.shape[2], BLOCK_H=triton.next_power_of_2(max(HQ, HKV)), PDL=pdl,
+        num_warps=4, launch_pdl=pdl)
     return q, k

@@ -4,9 +4,12 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdllm_kernels.launch import pdl_enabled, wait_for_producer
+
 
 @triton.jit
-def swiglu_fwd_kernel(p_gu, p_out, stride_gu, stride_out, F, BLOCK: tl.constexpr):
+def swiglu_fwd_kernel(p_gu, p_out, stride_gu, stride_out, F, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_producer(PDL)
     row = tl.program_id(0).to(tl.int64)
     col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = col < F
@@ -22,6 +25,7 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(T, F, dtype=gate_up.dtype, device=gate_up.device)
     BLOCK = 1024
     if T:
+        pdl = pdl_enabled(gate_up.device)
         swiglu_fwd_kernel[(T, triton.cdiv(F, BLOCK))](gate_up, out, gate_up.stride(0), out.stride(0), F, BLOCK=BLOCK,
-                                                      num_warps=4)
+                                                      PDL=pdl, num_warps=4, launch_pdl=pdl)
     return out
