@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdllm_kernels.launch import pdl_enabled, wait_for_producer
+
 
 @triton.jit
 def _online_softmax_update(b_s, b_v, b_m, b_l, b_acc, DOT_PREC: tl.constexpr):
@@ -42,16 +44,24 @@ def decode_attention_fwd_kernel(
         stride_ps, stride_ph, stride_pn, stride_bs, stride_bh, stride_bn,
         scale, M_TILES, SPLITS,
         HKV: tl.constexpr, G: tl.constexpr, NQ: tl.constexpr, D: tl.constexpr, TAIL: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr):
     pid_rh = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
     r = (pid_rh // HKV).to(tl.int64)
     h = (pid_rh % HKV).to(tl.int64)
+    wait_for_producer(PDL)
     slot = tl.load(p_slot + r).to(tl.int64)
     L = tl.load(p_plen + r).to(tl.int64)
     K = L + tl.load(p_tail + r).to(tl.int64) * TAIL
     qstart = tl.load(p_qstart + r).to(tl.int64)
+    # this row's keys split evenly (in whole tiles) over the SPLITS programs: every split works whatever the
+    # cache size, and the grid still depends on sizes only
+    chunk = tl.cdiv(tl.cdiv(K, SPLITS), BLOCK_N) * BLOCK_N
+    lo = pid_s * chunk
+    hi = tl.minimum(lo + chunk, K)
+    pre_base = slot * stride_ps + h * stride_ph
+    tail_base = slot * stride_bs + h * stride_bh
     m_idx = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)           # packed rows: m = g * NQ + i
     m_ok = m_idx < G * NQ
     g = m_idx // NQ
@@ -62,13 +72,6 @@ def decode_attention_fwd_kernel(
     b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_M], tl.float32)
     b_acc = tl.zeros([BLOCK_M, D], tl.float32)
-    # this row's keys split evenly (in whole tiles) over the SPLITS programs: every split works whatever the
-    # cache size, and the grid still depends on sizes only
-    chunk = tl.cdiv(tl.cdiv(K, SPLITS), BLOCK_N) * BLOCK_N
-    lo = pid_s * chunk
-    hi = tl.minimum(lo + chunk, K)
-    pre_base = slot * stride_ps + h * stride_ph
-    tail_base = slot * stride_bs + h * stride_bh
     for j0 in range(lo, hi, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         in_pre = j < L
@@ -87,20 +90,26 @@ def decode_attention_fwd_kernel(
         off_o = (qstart + i)[:, None] * stride_ot + (h * G + g)[:, None] * stride_oh + d[None, :]
         tl.store(p_o + off_o, (b_acc / b_l[:, None]).to(p_o.dtype.element_ty), mask=m_ok[:, None])
     else:
+        # a split's partial: its normalised output in the activation dtype (half the bytes of the fp32
+        # accumulator; rounding it costs what rounding the final output costs) and its log-sum-exp in fp32
+        # (-inf for a split with no keys, which then weighs nothing in the merge)
         base = ((pid_rh * M_TILES + pid_m) * SPLITS + pid_s).to(tl.int64)
         rows = tl.arange(0, BLOCK_M)
-        tl.store(p_acc + base * BLOCK_M * D + rows[:, None] * D + d[None, :], b_acc)
-        tl.store(p_ml + base * 2 * BLOCK_M + rows, b_m)
-        tl.store(p_ml + base * 2 * BLOCK_M + BLOCK_M + rows, b_l)
+        empty = b_l == 0.0
+        b_l = tl.where(empty, 1.0, b_l)
+        b_o = b_acc / b_l[:, None]
+        tl.store(p_acc + base * BLOCK_M * D + rows[:, None] * D + d[None, :], b_o.to(p_acc.dtype.element_ty))
+        tl.store(p_ml + base * BLOCK_M + rows, tl.where(empty, float("-inf"), b_m + tl.log(b_l)))
 
 
 @triton.jit(do_not_specialize=["M_TILES", "SPLITS"])
 def decode_attention_combine_kernel(
         p_o, p_acc, p_ml, p_qstart, stride_ot, stride_oh, M_TILES, SPLITS,
         HKV: tl.constexpr, G: tl.constexpr, NQ: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-        ROWS: tl.constexpr, SPLITS_P2: tl.constexpr):
+        ROWS: tl.constexpr, SPLITS_P2: tl.constexpr, PDL: tl.constexpr):
     """Merge the splits' partial softmaxes for ROWS packed rows; all splits are loaded at once (one memory
     latency, not one per split)."""
+    wait_for_producer(PDL)
     pid_rh = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_r = tl.program_id(2)
@@ -116,16 +125,14 @@ def decode_attention_combine_kernel(
     s = tl.arange(0, SPLITS_P2)
     s_ok = s < SPLITS
     base = ((pid_rh * M_TILES + pid_m) * SPLITS + s).to(tl.int64)                      # [S]
-    b_ms = tl.load(p_ml + base[:, None] * 2 * BLOCK_M + rows[None, :], mask=s_ok[:, None], other=float("-inf"))
-    b_ls = tl.load(p_ml + base[:, None] * 2 * BLOCK_M + BLOCK_M + rows[None, :], mask=s_ok[:, None], other=0.0)
-    b_accs = tl.load(p_acc + base[:, None, None] * BLOCK_M * D + rows[None, :, None] * D + d[None, None, :],
-                     mask=s_ok[:, None, None], other=0.0)                                  # [S, ROWS, D]
-    b_max = tl.max(b_ms, axis=0)
-    w = tl.where(b_ms == float("-inf"), 0.0, tl.exp(b_ms - b_max[None, :]))              # empty splits weigh 0
-    b_l = tl.sum(w * b_ls, axis=0)
-    b_acc = tl.sum(w[:, :, None] * b_accs, axis=0)                                        # [ROWS, D]
+    b_lse = tl.load(p_ml + base[:, None] * BLOCK_M + rows[None, :], mask=s_ok[:, None], other=float("-inf"))
+    b_os = tl.load(p_acc + base[:, None, None] * BLOCK_M * D + rows[None, :, None] * D + d[None, None, :],
+                   mask=s_ok[:, None, None], other=0.0).to(tl.float32)                     # [S, ROWS, D]
+    b_max = tl.max(b_lse, axis=0)
+    w = tl.where(b_lse == float("-inf"), 0.0, tl.exp(b_lse - b_max[None, :]))            # empty splits weigh 0
+    b_acc = tl.sum(w[:, :, None] * b_os, axis=0)                                          # [ROWS, D]
     off_o = (qstart + i)[:, None] * stride_ot + (h * G + g)[:, None] * stride_oh + d[None, :]
-    tl.store(p_o + off_o, (b_acc / b_l[:, None]).to(p_o.dtype.element_ty), mask=m_ok[:, None])
+    tl.store(p_o + off_o, (b_acc / tl.sum(w, axis=0)[:, None]).to(p_o.dtype.element_ty), mask=m_ok[:, None])
 
 
 def _dot_precision(q) -> str:
@@ -146,14 +153,18 @@ class DecodePlan:
 def decode_plan(rows: int, kv_heads: int, group: int, n_q: int, max_keys: int, num_sms: int = 132,
                 block_m: int = 64, block_n: int = 32, max_splits: int = 64, **launch) -> DecodePlan:
     """Static launch shape for a decode call: tiles of ``block_m`` packed query rows and enough key splits
-    for about four programs per SM (each row's keys are divided among the splits at run time). At batch 1 the
-    op is latency-bound - a few MB of K/V over 4 KV heads - so many short splits win: on an H100
-    (bench/attention_sweep.py, run 16) key tiles of 32-64 and 16-64 splits were fastest at prefixes
-    2k-8k. Depends only on sizes, never on the current lengths."""
+    for about four programs per SM (each row's keys are divided among the splits at run time), but no more
+    splits than keep the partial outputs (``splits * m_tiles * block_m`` rows of D per KV head) within the
+    K/V bytes they summarise: with 32 queries (224 packed rows for the 7B) the partials would otherwise
+    outweigh the keys. At batch 1 the op is latency-bound - a few MB of K/V over 4 KV heads - so many short
+    splits win: on an H100 (bench/attention_sweep.py, run 16) key tiles of 32-64 and 16-64 splits were
+    fastest at prefixes 2k-8k, 16 splits for the 7B's 32 queries at 2k. Depends only on sizes, never on
+    the current lengths."""
     block_m = min(block_m, max(16, triton.next_power_of_2(group * n_q)))
     m_tiles = triton.cdiv(group * n_q, block_m)
     programs = rows * kv_heads * m_tiles
-    splits = max(1, min(max_splits, triton.cdiv(4 * num_sms, programs), triton.cdiv(max_keys, block_n)))
+    splits = max(1, min(max_splits, triton.cdiv(4 * num_sms, programs), triton.cdiv(max_keys, block_n),
+                        2 * max_keys // (m_tiles * block_m)))
     return DecodePlan(block_m, m_tiles, splits, block_n, **launch)
 
 
@@ -172,10 +183,11 @@ def decode_attention(q, prefix_k, prefix_v, block_k, block_v, slots, prefix_lens
     if R == 0:
         return out
     plan = plan or decode_plan(R, HKV, G, n_q, prefix_k.shape[2] + TAIL, num_sms)
+    pdl = pdl_enabled(q.device)
     block_m, m_tiles, splits, block_n = plan.block_m, plan.m_tiles, plan.splits, plan.block_n
     if splits > 1:
-        acc = torch.empty(R * HKV * m_tiles * splits * block_m * D, dtype=torch.float32, device=q.device)
-        ml = torch.empty(R * HKV * m_tiles * splits * 2 * block_m, dtype=torch.float32, device=q.device)
+        acc = torch.empty(R * HKV * m_tiles * splits * block_m * D, dtype=q.dtype, device=q.device)
+        ml = torch.empty(R * HKV * m_tiles * splits * block_m, dtype=torch.float32, device=q.device)
     else:
         acc = ml = out
     decode_attention_fwd_kernel[(R * HKV, m_tiles, splits)](
@@ -184,14 +196,14 @@ def decode_attention(q, prefix_k, prefix_v, block_k, block_v, slots, prefix_lens
         prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
         block_k.stride(0), block_k.stride(1), block_k.stride(2),
         scale, m_tiles, splits, HKV=HKV, G=G, NQ=n_q, D=D, TAIL=TAIL,
-        BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=_dot_precision(q), num_warps=plan.num_warps,
-        num_stages=plan.num_stages)
+        BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=_dot_precision(q), PDL=pdl,
+        num_warps=plan.num_warps, num_stages=plan.num_stages, launch_pdl=pdl)
     if splits > 1:
         splits_p2 = triton.next_power_of_2(splits)
         rows = max(1, min(block_m, 8192 // (splits_p2 * D)))
         decode_attention_combine_kernel[(R * HKV, m_tiles, block_m // rows)](
             out, acc, ml, q_starts, out.stride(0), out.stride(1), m_tiles, splits, HKV=HKV, G=G, NQ=n_q, D=D,
-            BLOCK_M=block_m, ROWS=rows, SPLITS_P2=splits_p2, num_warps=4)
+            BLOCK_M=block_m, ROWS=rows, SPLITS_P2=splits_p2, PDL=pdl, num_warps=4, launch_pdl=pdl)
     return out
 
 
