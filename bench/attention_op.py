@@ -13,7 +13,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import DEVICE, copy_bandwidth_gbs, cuda_time, graph_time, record, without_pdl
+from common import DEVICE, copy_bandwidth_gbs, cuda_time, graph_time, record, with_pdl
 
 from fastdllm_kernels.attention.kernel import decode_attention
 from fastdllm_kernels.attention.reference import decode_attention_ref
@@ -57,7 +57,7 @@ def main():
                 ours = lambda: decode_attention(q, pk, pv, bk, bv, *meta, n_q=n, scale=scale)  # noqa: E731
                 providers = {
                     "ours": ours,
-                    "ours_nopdl": without_pdl(ours),
+                    "ours_pdl": with_pdl(ours),
                     "sdpa_mask": lambda: F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale,
                                                                         enable_gqa=True),
                 }

@@ -94,11 +94,11 @@ def graph_time(fn, reps: int = 20, iters: int = 20) -> dict:
     return {k: v / reps for k, v in t.items()}
 
 
-def without_pdl(fn):
-    """``fn`` run (and captured) with programmatic dependent launch off: the A/B baseline of kernels/launch.py."""
+def with_pdl(fn):
+    """``fn`` run (and captured) with programmatic dependent launch on (kernels/launch.py; off by default)."""
     def call():
         saved = os.environ.get("FASTDLLM_PDL")
-        os.environ["FASTDLLM_PDL"] = "0"
+        os.environ["FASTDLLM_PDL"] = "1"
         try:
             return fn()
         finally:

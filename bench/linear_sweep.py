@@ -3,8 +3,8 @@
 For each model, token count (8 = sub-block step, 32 = full-block / commit step) and projection (QKV with
 RMSNorm + bias, O with residual, gate/up with RMSNorm + SwiGLU, down with residual, LM head with RMSNorm and
 fp32 output), every strategy (``kernels/linear/configs.py``) with every candidate tiling and K split is timed
-as a CUDA graph of 20 calls (programmatic dependent launch as the runtime has it: on for Hopper unless
-FASTDLLM_PDL=0). The calls cycle through copies of the weight that together exceed the L2 cache
+as a CUDA graph of 20 calls (launched as the runtime launches them: ordinary launches unless FASTDLLM_PDL=1).
+The calls cycle through copies of the weight that together exceed the L2 cache
 three times over, so each call reads its weight from HBM as in a real step (a single 33 MB weight would stay
 in the 50 MB L2 and time faster than the HBM floor). The fastest strategy and configuration go to
 ``kernels/linear/tuned.json`` under this GPU's name (the runtime reads it) and to

@@ -4,11 +4,11 @@ Steps: ``full`` (32 queries, the block cache rebuilt), ``sub`` (8 queries agains
 ``commit`` (32 tokens appended to the prefix cache), ``sub_skip12`` (a sub-block step with 12 of 28 layers
 skipped by a reuse policy). Providers: ``hf`` (transformers Qwen2, eager, block-causal mask, DynamicCache: the
 original's path), ``torch`` (our runtime, PyTorch backend, eager), ``triton`` (our runtime, Triton kernels and
-CUDA graphs); ``triton+nopdl`` is ``triton`` with its graphs captured without programmatic dependent launch
-(``fastdllm_kernels/launch.py``).
+CUDA graphs); ``triton+pdl`` is ``triton`` with its graphs captured with programmatic dependent launch
+(``fastdllm_kernels/launch.py``, off by default).
 The floor is the weight bytes a step must read over the measured copy bandwidth.
 
-    python bench/steps.py --shapes 7B,1.5B --providers hf,torch,triton,triton+nopdl
+    python bench/steps.py --shapes 7B,1.5B --providers hf,torch,triton,triton+pdl
 """
 import argparse
 import contextlib
@@ -101,7 +101,9 @@ def provider_env(provider: str):
     """The environment a provider variant runs (and captures its graphs) under; restored afterwards."""
     env = {}
     for variant in provider.split("+")[1:]:
-        if variant == "nopdl":
+        if variant == "pdl":
+            env["FASTDLLM_PDL"] = "1"
+        elif variant == "nopdl":
             env["FASTDLLM_PDL"] = "0"
         else:
             raise ValueError(f"unknown provider variant {variant!r} in {provider!r}")

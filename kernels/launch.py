@@ -12,15 +12,17 @@ has finished and its writes are visible. Our kernels:
 * then allow their own successor to launch (``gdc_launch_dependents``) - after the wait, so at most one kernel
   is ever launched ahead.
 
-What it buys, measured on an H100 (device runs 21-22): inside a CUDA graph the gap between two dependent
-kernels is already ~1.1 us, and PDL brings it to ~0.8 us; on the decode steps that is 0-3 %. Prefetching
-the next kernel's weights (bulk L2 prefetch before the wait) and the attention's K/V the same way made the
-steps 2-3 % and the 8k attention op 15-20 % slower, so neither is done.
-
 cuBLAS and PyTorch kernels in the chain launch normally and wait for their predecessor to complete; a PDL
-kernel after them waits as usual. PDL is on for CUDA devices of compute capability 9.0 and newer, off under
-the Triton interpreter, and ``FASTDLLM_PDL=0`` turns it off (read at each launch: CUDA graphs captured after
-the change follow it), which is how the benchmarks compare the two.
+kernel after them waits as usual.
+
+It is OFF by default: ``FASTDLLM_PDL=1`` turns it on for CUDA devices of compute capability 9.0 and newer
+(read at each launch, so CUDA graphs captured after the change follow it; never under the Triton
+interpreter). Measured on an H100 (bench/pdl_gap.py, bench/steps.py, device runs 21-24): inside a CUDA
+graph the gap between two dependent kernels is already 0.93 us and PDL makes it 0.61 us, but whole decode
+steps got 0-9 % *slower* with it (7B full-block 7.35 against 6.86 ms; 1.5B 2.65 against 2.53) - programs
+launched early are placed on whichever SMs have room while the previous kernel still runs, and a
+weight-streaming kernel needs its programs spread over every SM. Prefetching the next kernel's weights (bulk
+L2 prefetch before the wait), and the attention's K/V, made things slower again (runs 21); not kept.
 """
 from __future__ import annotations
 
@@ -39,10 +41,10 @@ def _capability_major(index: int) -> int:
 
 
 def pdl_enabled(device: torch.device) -> bool:
-    """Whether kernels on ``device`` launch with programmatic dependent launch."""
+    """Whether kernels on ``device`` launch with programmatic dependent launch (``FASTDLLM_PDL=1``)."""
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
-    if os.environ.get("FASTDLLM_PDL", "1") == "0":
+    if os.environ.get("FASTDLLM_PDL", "0") != "1":
         return False
     return _capability_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
 

@@ -17,12 +17,14 @@ from fastdllm_kernels.swiglu.kernel import swiglu
 HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9
 
 
-def test_pdl_off_without_cuda_and_when_disabled(monkeypatch):
-    assert not pdl_enabled(torch.device("cpu"))
+def test_pdl_only_when_asked_for_and_on_hopper(monkeypatch):
+    monkeypatch.delenv("FASTDLLM_PDL", raising=False)
+    assert not pdl_enabled(torch.device(DEVICE))                        # off by default (launch.py says why)
     monkeypatch.setenv("FASTDLLM_PDL", "0")
     assert not pdl_enabled(torch.device(DEVICE))
-    monkeypatch.delenv("FASTDLLM_PDL")
+    monkeypatch.setenv("FASTDLLM_PDL", "1")
     assert pdl_enabled(torch.device(DEVICE)) == HOPPER
+    assert not pdl_enabled(torch.device("cpu"))
 
 
 def _decode_layer(x, p, caches, meta):
