@@ -8,7 +8,8 @@ cat "$OUT/log.txt"
 save() { (cd "$OUT" && tar cf results.tar results); }
 step() { echo "== $*" | tee -a "$OUT/log.txt"; "$@" 2>&1 | tee -a "$OUT/full.log" | tail -"${TAILN:-14}" | tee -a "$OUT/log.txt"; save; }
 
-TAILN=16 step python3 bench/steps.py --shapes 7B,1.5B --providers hf,triton --iters 30
+TAILN=26 step python3 bench/steps.py --shapes 7B,1.5B --providers hf,triton,triton+pdl --iters 30
+TAILN=8 step python3 bench/pdl_gap.py
 TAILN=10 step python3 bench/step_profile.py --shape 7B
 # --no-write: measure against the committed kernels/linear/tuned.json (drop it to retune for this GPU)
 TAILN=24 step python3 bench/linear_sweep.py --no-write
@@ -28,5 +29,5 @@ names = collections.Counter(e["name"] for e in ev if str(e.get("name", "")).star
 print("trace ranges:", dict(names))
 PY
 gzip -f "$OUT/trace.json" 2>/dev/null
-TAILN=28 step python3 bench/attention_op.py
+TAILN=36 step python3 bench/attention_op.py
 rm -rf "$OUT/results" "$OUT/profile_run"

@@ -12,7 +12,6 @@ Every request type is timed (``throughput.py``) and its runtime counters accumul
 """
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 
 import torch
