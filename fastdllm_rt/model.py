@@ -139,6 +139,9 @@ class FastDLLM(nn.Module):
         rows_compute = sum(g.num_rows for g in compute_groups)
         ctx_all = self.ops.prepare(self, batch, batch.groups, T)
         ctx_compute = None
+        # each token's place in its block: where the reuse cache keeps its layer outputs (computed once, not
+        # once per layer - every op here is a kernel in a decode step's graph)
+        offsets = batch.positions % self.config.bd_size if reuse is not None else None
         for layer in self.layers:
             idx = layer.index
             skipping = reuse is not None and n_compute < T and reuse.skips(idx)
@@ -146,19 +149,20 @@ class FastDLLM(nn.Module):
                 x_out = layer(x, self._attend_fn(ctx_all, caches, idx), self.ops)
                 self.layer_rows_computed[idx] += rows_all
             else:
-                x_out = torch.empty_like(x)
+                replayed = reuse.replay(idx, x[n_compute:], batch.token_slot[n_compute:], offsets[n_compute:])
                 if n_compute:
                     if ctx_compute is None:
                         ctx_compute = self.ops.prepare(self, batch, compute_groups, n_compute)
+                    x_out = torch.empty_like(x)
                     x_out[:n_compute] = layer(x[:n_compute], self._attend_fn(ctx_compute, caches, idx), self.ops)
+                    x_out[n_compute:] = replayed
                     self.layer_rows_computed[idx] += rows_compute
-                x_out[n_compute:] = reuse.replay(idx, x[n_compute:], batch.token_slot[n_compute:],
-                                                 batch.positions[n_compute:] % self.config.bd_size)
+                else:
+                    x_out = replayed.to(x.dtype)       # every row skips: the gather is the layer's output
                 self.layer_rows_skipped[idx] += rows_all - rows_compute
             if reuse is not None and batch.reuse_lo < n_compute:
                 lo, hi = batch.reuse_lo, n_compute
-                reuse.record(idx, x[lo:hi], x_out[lo:hi], batch.token_slot[lo:hi],
-                             batch.positions[lo:hi] % self.config.bd_size)
+                reuse.record(idx, x[lo:hi], x_out[lo:hi], batch.token_slot[lo:hi], offsets[lo:hi])
             x = x_out
         if batch.logits_index.numel() == 0:
             return x.new_empty(0, self.config.vocab_size, dtype=torch.float32)
