@@ -55,7 +55,8 @@ def hf_steps(fields, sd, prefix):
 
 def ours_steps(rt, prefix, policy_layers=12):
     """Closures for each step kind through the runtime's Engine, as sampling runs them: on the triton backend a
-    step is a CUDA-graph replay (metadata upload + replay); on torch an eager packed forward."""
+    step is a CUDA-graph replay (metadata upload + replay); on torch an eager packed forward. Also returns the
+    engine (its graph runner tells which graph a step replayed)."""
     from fastdllm_rt.engine import Engine
     from fastdllm_rt.stats import CallStats
 
@@ -76,23 +77,31 @@ def ours_steps(rt, prefix, policy_layers=12):
             "sub": lambda: fwd(Kind.SUB, prefix + 8, block[8:16]),
             "sub_skip12": lambda: fwd(Kind.SUB, prefix + 8, block[8:16], skip=True),
             # commit at a fixed position: it rewrites the same prefix slots each time
-            "commit": lambda: fwd(Kind.COMMIT, prefix, block, logits=1)}
+            "commit": lambda: fwd(Kind.COMMIT, prefix, block, logits=1)}, engine
 
 
 def measure_provider(shape, fields, sd, provider, args, floor_ms, step_bytes, command) -> list:
+    engine = None
     if provider == "hf":
         steps, keep = hf_steps(fields, sd, args.prefix)
     else:
         keep = fastdllm_rt.from_state_dict(fields, sd, dtype="bf16", backend=provider.split("+")[0], **IDS)
-        steps = ours_steps(keep, args.prefix)
+        steps, engine = ours_steps(keep, args.prefix)
     out = []
     for name, fn in steps.items():
         with torch.inference_mode():
             t = cuda_time(fn, warmup=5, iters=args.iters)
+        # the step as the sampler runs it (host: batch packing + metadata upload, then the graph) and, beside
+        # it, the graph replay alone: the GPU's share
+        replay = {}
+        runner = getattr(engine, "graphs", None)
+        if runner is not None and runner.last is not None:
+            r = cuda_time(runner.last.graph.replay, warmup=3, iters=args.iters)
+            replay = {"graph_replay_p50_ms": r["p50_ms"], "graph_replay_ratio_to_floor": r["p50_ms"] / floor_ms}
         row = record("steps", shape=shape, provider=provider, step=name, prefix=args.prefix, batch=1,
                      dtype="bf16", **t, floor_ms=floor_ms, ratio_to_floor=t["p50_ms"] / floor_ms,
-                     achieved_GBps=step_bytes / (t["p50_ms"] / 1e3) / 1e9, command=command)
-        out.append((shape, provider, name, t["p50_ms"], row["ratio_to_floor"]))
+                     achieved_GBps=step_bytes / (t["p50_ms"] / 1e3) / 1e9, **replay, command=command)
+        out.append((shape, provider, name, t["p50_ms"], row["ratio_to_floor"], replay.get("graph_replay_p50_ms")))
     return out
 
 
@@ -138,7 +147,7 @@ def main():
         all_ms = weight_bytes(sd) / (bw * 1e9) * 1e3
         record("steps", shape=shape, provider="floor", step="weights_once", p50_ms=floor_ms, p20_ms=floor_ms,
                p80_ms=floor_ms, weight_bytes=step_bytes, all_weights_ms=all_ms, command=command)
-        table.append((shape, "floor", "weights", floor_ms, 1.0))
+        table.append((shape, "floor", "weights", floor_ms, 1.0, None))
         for provider in args.providers.split(","):
             with provider_env(provider):
                 table += measure_provider(shape, fields, sd, provider, args, floor_ms, step_bytes, command)
@@ -148,9 +157,10 @@ def main():
         gc.collect()
         torch.cuda.empty_cache()
     print(f"copy bandwidth {bw:.0f} GB/s on {env_info()['gpu']}")
-    print(f"{'shape':6} {'provider':14} {'step':11} {'p50 ms':>8} {'x floor':>8}")
-    for shape, prov, name, ms, ratio in table:
-        print(f"{shape:6} {prov:14} {name:11} {ms:8.3f} {ratio:8.2f}")
+    print(f"{'shape':6} {'provider':14} {'step':11} {'p50 ms':>8} {'x floor':>8} {'replay ms':>9} {'x floor':>8}")
+    for shape, prov, name, ms, ratio, rep in table:
+        extra = f" {rep:9.3f} {rep / (ms / ratio):8.2f}" if rep is not None else ""
+        print(f"{shape:6} {prov:14} {name:11} {ms:8.3f} {ratio:8.2f}{extra}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ def _steps(shape, provider):
             steps, keep = hf_steps(SHAPES[shape], sd, PREFIX)
         else:
             keep = fastdllm_rt.from_state_dict(SHAPES[shape], sd, dtype="bf16", backend="triton", **IDS)
-            steps = ours_steps(keep, PREFIX)
+            steps, _ = ours_steps(keep, PREFIX)
         _cache[key] = (steps, keep, floor)
     return _cache[key]
 

@@ -30,6 +30,7 @@ class GraphRunner:
         self.max_graphs = max_graphs
         self.pool = torch.cuda.graph_pool_handle()
         self.replays = 0
+        self.last: _Captured | None = None          # the graph the latest forward replayed (benchmarks time it)
 
     def forward(self, requests, block_size: int):
         """Run the packed forward of ``requests``; returns (fp32 logits, ForwardBatch)."""
@@ -47,6 +48,7 @@ class GraphRunner:
         batch = upload(packed, self.model.device, buffer=cap.buffer)
         cap.graph.replay()
         self.replays += 1
+        self.last = cap
         m = self.model
         for i, (c, s) in enumerate(zip(cap.computed, cap.skipped)):
             m.layer_rows_computed[i] += c
