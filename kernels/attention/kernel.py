@@ -38,7 +38,7 @@ def _online_softmax_update(b_s, b_v, b_m, b_l, b_acc, DOT_PREC: tl.constexpr):
 # compile a new kernel (Triton otherwise specialises integers equal to 1 or divisible by 16).
 @triton.jit(do_not_specialize=["M_TILES", "SPLITS"])
 def decode_attention_fwd_kernel(
-        p_q, p_pk, p_pv, p_bk, p_bv, p_o, p_acc, p_ml,
+        p_q, p_pk, p_pv, p_bk, p_bv, p_o, p_part_o, p_part_lse,
         p_slot, p_plen, p_tail, p_qstart,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_ps, stride_ph, stride_pn, stride_bs, stride_bh, stride_bn,
@@ -98,13 +98,13 @@ def decode_attention_fwd_kernel(
         empty = b_l == 0.0
         b_l = tl.where(empty, 1.0, b_l)
         b_o = b_acc / b_l[:, None]
-        tl.store(p_acc + base * BLOCK_M * D + rows[:, None] * D + d[None, :], b_o.to(p_acc.dtype.element_ty))
-        tl.store(p_ml + base * BLOCK_M + rows, tl.where(empty, float("-inf"), b_m + tl.log(b_l)))
+        tl.store(p_part_o + base * BLOCK_M * D + rows[:, None] * D + d[None, :], b_o.to(p_part_o.dtype.element_ty))
+        tl.store(p_part_lse + base * BLOCK_M + rows, tl.where(empty, float("-inf"), b_m + tl.log(b_l)))
 
 
 @triton.jit(do_not_specialize=["M_TILES", "SPLITS"])
 def decode_attention_combine_kernel(
-        p_o, p_acc, p_ml, p_qstart, stride_ot, stride_oh, M_TILES, SPLITS,
+        p_o, p_part_o, p_part_lse, p_qstart, stride_ot, stride_oh, M_TILES, SPLITS,
         HKV: tl.constexpr, G: tl.constexpr, NQ: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
         ROWS: tl.constexpr, SPLITS_P2: tl.constexpr, PDL: tl.constexpr):
     """Merge the splits' partial softmaxes for ROWS packed rows; all splits are loaded at once (one memory
@@ -125,8 +125,8 @@ def decode_attention_combine_kernel(
     s = tl.arange(0, SPLITS_P2)
     s_ok = s < SPLITS
     base = ((pid_rh * M_TILES + pid_m) * SPLITS + s).to(tl.int64)                      # [S]
-    b_lse = tl.load(p_ml + base[:, None] * BLOCK_M + rows[None, :], mask=s_ok[:, None], other=float("-inf"))
-    b_os = tl.load(p_acc + base[:, None, None] * BLOCK_M * D + rows[None, :, None] * D + d[None, None, :],
+    b_lse = tl.load(p_part_lse + base[:, None] * BLOCK_M + rows[None, :], mask=s_ok[:, None], other=float("-inf"))
+    b_os = tl.load(p_part_o + base[:, None, None] * BLOCK_M * D + rows[None, :, None] * D + d[None, None, :],
                    mask=s_ok[:, None, None], other=0.0).to(tl.float32)                     # [S, ROWS, D]
     b_max = tl.max(b_lse, axis=0)
     w = tl.where(b_lse == float("-inf"), 0.0, tl.exp(b_lse - b_max[None, :]))            # empty splits weigh 0
@@ -186,12 +186,12 @@ def decode_attention(q, prefix_k, prefix_v, block_k, block_v, slots, prefix_lens
     pdl = pdl_enabled(q.device)
     block_m, m_tiles, splits, block_n = plan.block_m, plan.m_tiles, plan.splits, plan.block_n
     if splits > 1:
-        acc = torch.empty(R * HKV * m_tiles * splits * block_m * D, dtype=q.dtype, device=q.device)
-        ml = torch.empty(R * HKV * m_tiles * splits * block_m, dtype=torch.float32, device=q.device)
+        part_o = torch.empty(R * HKV * m_tiles * splits * block_m * D, dtype=q.dtype, device=q.device)
+        part_lse = torch.empty(R * HKV * m_tiles * splits * block_m, dtype=torch.float32, device=q.device)
     else:
-        acc = ml = out
+        part_o = part_lse = out
     decode_attention_fwd_kernel[(R * HKV, m_tiles, splits)](
-        q, prefix_k, prefix_v, block_k, block_v, out, acc, ml, slots, prefix_lens, has_tail, q_starts,
+        q, prefix_k, prefix_v, block_k, block_v, out, part_o, part_lse, slots, prefix_lens, has_tail, q_starts,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
         block_k.stride(0), block_k.stride(1), block_k.stride(2),
@@ -202,7 +202,7 @@ def decode_attention(q, prefix_k, prefix_v, block_k, block_v, slots, prefix_lens
         splits_p2 = triton.next_power_of_2(splits)
         rows = max(1, min(block_m, 8192 // (splits_p2 * D)))
         decode_attention_combine_kernel[(R * HKV, m_tiles, block_m // rows)](
-            out, acc, ml, q_starts, out.stride(0), out.stride(1), m_tiles, splits, HKV=HKV, G=G, NQ=n_q, D=D,
+            out, part_o, part_lse, q_starts, out.stride(0), out.stride(1), m_tiles, splits, HKV=HKV, G=G, NQ=n_q, D=D,
             BLOCK_M=block_m, ROWS=rows, SPLITS_P2=splits_p2, PDL=pdl, num_warps=4, launch_pdl=pdl)
     return out
 
