@@ -13,7 +13,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import DEVICE, copy_bandwidth_gbs, cuda_time, graph_time, record, with_pdl
+from common import DEVICE, copy_bandwidth_gbs, cuda_time, decode_attention_inputs, graph_time, record, with_pdl
 
 from fastdllm_kernels.attention.kernel import decode_attention
 from fastdllm_kernels.attention.reference import decode_attention_ref
@@ -40,13 +40,7 @@ def main():
     for model, (hq, hkv) in HEADS.items():
         for L in [int(x) for x in args.prefixes.split(",")]:
             for n in (32, 8):
-                pk = torch.randn(1, hkv, L + 64, D, device=dev, dtype=dt)
-                pv = torch.randn_like(pk)
-                bk = torch.randn(1, hkv, 32, D, device=dev, dtype=dt)
-                bv = torch.randn_like(bk)
-                q = torch.randn(n, hq, D, device=dev, dtype=dt)
-                meta = [torch.zeros(1, dtype=torch.long, device=dev), torch.tensor([L], device=dev),
-                        torch.ones(1, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev)]
+                q, pk, pv, bk, bv, meta = decode_attention_inputs(hq, hkv, L, n, D, dt)
                 scale = D ** -0.5
                 ref = decode_attention_ref(q.float(), pk.float(), pv.float(), bk.float(), bv.float(), *meta, n, scale)
                 # the original's layout: [1, H, n, D] queries, keys = prefix ++ block, a boolean mask

@@ -10,7 +10,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from common import DEVICE, copy_bandwidth_gbs, graph_time, record
+from common import DEVICE, copy_bandwidth_gbs, decode_attention_inputs, graph_time, record
 
 from fastdllm_kernels.attention.kernel import DecodePlan, decode_attention, decode_plan
 
@@ -29,12 +29,7 @@ def main():
     for model, (hq, hkv) in HEADS.items():
         G = hq // hkv
         for L, n in itertools.product((int(x) for x in args.prefixes.split(",")), (32, 8)):
-            pk = torch.randn(1, hkv, L + 64, D, device=DEVICE, dtype=dt)
-            pv, bk = torch.randn_like(pk), torch.randn(1, hkv, 32, D, device=DEVICE, dtype=dt)
-            bv = torch.randn_like(bk)
-            q = torch.randn(n, hq, D, device=DEVICE, dtype=dt)
-            meta = [torch.zeros(1, dtype=torch.long, device=DEVICE), torch.tensor([L], device=DEVICE),
-                    torch.ones(1, dtype=torch.long, device=DEVICE), torch.zeros(1, dtype=torch.long, device=DEVICE)]
+            q, pk, pv, bk, bv, meta = decode_attention_inputs(hq, hkv, L, n, D, dt)
             scale = D ** -0.5
             ref = decode_attention(q, pk, pv, bk, bv, *meta, n_q=n, scale=scale,
                                    plan=DecodePlan(block_m=64, m_tiles=-(-G * n // 64), splits=1)).float()

@@ -4,6 +4,7 @@ the Hugging Face baseline (transformers Qwen2 modules with a block-causal mask, 
 Every measurement is one JSON line (``record``) carrying the GPU, versions and commit, as STYLE.md asks."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -94,19 +95,41 @@ def graph_time(fn, reps: int = 20, iters: int = 20) -> dict:
     return {k: v / reps for k, v in t.items()}
 
 
+@contextlib.contextmanager
+def env(**values: str):
+    """Environment variables set for the block (kernels read FASTDLLM_* at each launch, so CUDA graphs captured
+    inside follow them), restored afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def with_pdl(fn):
     """``fn`` run (and captured) with programmatic dependent launch on (kernels/launch.py; off by default)."""
     def call():
-        saved = os.environ.get("FASTDLLM_PDL")
-        os.environ["FASTDLLM_PDL"] = "1"
-        try:
+        with env(FASTDLLM_PDL="1"):
             return fn()
-        finally:
-            if saved is None:
-                os.environ.pop("FASTDLLM_PDL")
-            else:
-                os.environ["FASTDLLM_PDL"] = saved
     return call
+
+
+def decode_attention_inputs(hq: int, hkv: int, prefix: int, queries: int, D: int = 128, dtype=torch.bfloat16):
+    """One row's decode-attention call at batch 1: q [queries, hq, D], a prefix cache holding ``prefix`` keys
+    (64 spare), the 32-key block cache, and the row metadata (slot 0, prefix length, block cache on, queries
+    from token 0) - the argument order of ``decode_attention``."""
+    pk = torch.randn(1, hkv, prefix + 64, D, device=DEVICE, dtype=dtype)
+    pv, bk = torch.randn_like(pk), torch.randn(1, hkv, 32, D, device=DEVICE, dtype=dtype)
+    bv = torch.randn_like(bk)
+    q = torch.randn(queries, hq, D, device=DEVICE, dtype=dtype)
+    meta = [torch.zeros(1, dtype=torch.long, device=DEVICE), torch.tensor([prefix], device=DEVICE),
+            torch.ones(1, dtype=torch.long, device=DEVICE), torch.zeros(1, dtype=torch.long, device=DEVICE)]
+    return q, pk, pv, bk, bv, meta
 
 
 def sync():

@@ -11,13 +11,11 @@ The floor is the weight bytes a step must read over the measured copy bandwidth.
     python bench/steps.py --shapes 7B,1.5B --providers hf,torch,triton,triton+pdl
 """
 import argparse
-import contextlib
 import gc
-import os
 
 import torch
 
-from common import (SHAPES, copy_bandwidth_gbs, env_info, cuda_time, hf_model, random_state_dict, record,
+from common import (SHAPES, copy_bandwidth_gbs, env, env_info, cuda_time, hf_model, random_state_dict, record,
                     step_weight_bytes, weight_bytes)
 
 import fastdllm_rt
@@ -105,27 +103,14 @@ def measure_provider(shape, fields, sd, provider, args, floor_ms, step_bytes, co
     return out
 
 
-@contextlib.contextmanager
 def provider_env(provider: str):
-    """The environment a provider variant runs (and captures its graphs) under; restored afterwards."""
-    env = {}
+    """The environment a provider variant runs (and captures its graphs) under: ``+pdl`` / ``+nopdl``."""
+    values = {}
     for variant in provider.split("+")[1:]:
-        if variant == "pdl":
-            env["FASTDLLM_PDL"] = "1"
-        elif variant == "nopdl":
-            env["FASTDLLM_PDL"] = "0"
-        else:
+        if variant not in ("pdl", "nopdl"):
             raise ValueError(f"unknown provider variant {variant!r} in {provider!r}")
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        values["FASTDLLM_PDL"] = "1" if variant == "pdl" else "0"
+    return env(**values)
 
 
 def main():

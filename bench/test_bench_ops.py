@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import DEVICE, record
+from common import DEVICE, decode_attention_inputs, record
 from fastdllm_kernels.attention.kernel import decode_attention
 from fastdllm_kernels.rms_norm.kernel import add_rms_norm
 from fastdllm_kernels.rms_norm.reference import add_rms_norm_ref
@@ -16,19 +16,20 @@ from fastdllm_kernels.swiglu.reference import swiglu_ref
 HEADS = {"7B": (28, 4, 3584, 18944), "1.5B": (12, 2, 1536, 8960)}
 
 
+def _record(benchmark, **fields):
+    record("bench_ops", **fields, median_ms=benchmark.stats.stats.median * 1e3,
+           iqr_ms=benchmark.stats.stats.iqr * 1e3, timing="host clock, synchronised per call",
+           command="python -m pytest bench/test_bench_ops.py")
+
+
 @pytest.mark.parametrize("provider", ["ours", "sdpa_mask"])
 @pytest.mark.parametrize("queries", [32, 8])
 @pytest.mark.parametrize("prefix", [2048, 8192])
 @pytest.mark.parametrize("model", ["7B", "1.5B"])
 def test_decode_attention(timed, benchmark, model, prefix, queries, provider):
     hq, hkv, _, _ = HEADS[model]
-    D, dt = 128, torch.bfloat16
-    pk = torch.randn(1, hkv, prefix + 64, D, device=DEVICE, dtype=dt)
-    pv, bk = torch.randn_like(pk), torch.randn(1, hkv, 32, D, device=DEVICE, dtype=dt)
-    bv = torch.randn_like(bk)
-    q = torch.randn(queries, hq, D, device=DEVICE, dtype=dt)
-    meta = [torch.zeros(1, dtype=torch.long, device=DEVICE), torch.tensor([prefix], device=DEVICE),
-            torch.ones(1, dtype=torch.long, device=DEVICE), torch.zeros(1, dtype=torch.long, device=DEVICE)]
+    D = 128
+    q, pk, pv, bk, bv, meta = decode_attention_inputs(hq, hkv, prefix, queries, D)
     if provider == "ours":
         fn = lambda: decode_attention(q, pk, pv, bk, bv, *meta, n_q=queries, scale=D ** -0.5)  # noqa: E731
     else:
@@ -36,9 +37,7 @@ def test_decode_attention(timed, benchmark, model, prefix, queries, provider):
         qq, mask = q.transpose(0, 1)[None], torch.ones(1, 1, queries, prefix + 32, dtype=torch.bool, device=DEVICE)
         fn = lambda: F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, enable_gqa=True)  # noqa: E731
     timed(fn)
-    record("bench_ops", op="decode_attention", model=model, prefix=prefix, queries=queries, provider=provider,
-           median_ms=benchmark.stats.stats.median * 1e3, iqr_ms=benchmark.stats.stats.iqr * 1e3,
-           timing="host clock, synchronised per call", command="python -m pytest bench/test_bench_ops.py")
+    _record(benchmark, op="decode_attention", model=model, prefix=prefix, queries=queries, provider=provider)
 
 
 @pytest.mark.parametrize("provider", ["ours", "torch"])
@@ -55,9 +54,7 @@ def test_fused_elementwise(timed, benchmark, op, tokens, provider):
         gu = torch.randn(tokens, 2 * inter, device=DEVICE, dtype=dt)
         fn = (lambda: swiglu(gu)) if provider == "ours" else (lambda: swiglu_ref(gu))
     timed(fn)
-    record("bench_ops", op=op, model="7B", tokens=tokens, provider=provider,
-           median_ms=benchmark.stats.stats.median * 1e3, iqr_ms=benchmark.stats.stats.iqr * 1e3,
-           timing="host clock, synchronised per call", command="python -m pytest bench/test_bench_ops.py")
+    _record(benchmark, op=op, model="7B", tokens=tokens, provider=provider)
 
 
 @pytest.mark.parametrize("provider", ["ours", "cublas_unfused"])
@@ -78,7 +75,5 @@ def test_decode_linear(timed, benchmark, projection, tokens, provider):
         kw = dict(residual=torch.randn(tokens, hidden, device=DEVICE, dtype=dt))
     strategy = None if provider == "ours" else "cublas"
     timed(lambda: linear(x, w, strategy=strategy, **kw))
-    record("bench_ops", op=f"linear_{projection}", model="7B", tokens=tokens, provider=provider,
-           median_ms=benchmark.stats.stats.median * 1e3, iqr_ms=benchmark.stats.stats.iqr * 1e3,
-           weight_bytes=w.numel() * 2, timing="host clock, synchronised per call",
-           command="python -m pytest bench/test_bench_ops.py")
+    _record(benchmark, op=f"linear_{projection}", model="7B", tokens=tokens, provider=provider,
+            weight_bytes=w.numel() * 2)
