@@ -1,12 +1,13 @@
 """The ``triton`` backend: the transformer in Triton kernels (``fastdllm_kernels``).
 
-Decode steps (at most ``fastdllm_kernels.linear.configs.FUSED_MAX_TOKENS`` tokens) are weight-bound: their four matmuls per layer go through
-``fastdllm_kernels.linear.dispatch.linear``, mostly ``fused_linear`` kernels that stream the weight once and
-carry the layer's other work with them - RMSNorm into the QKV and gate/up matmuls, bias into QKV, SwiGLU into
-gate/up, the residual adds into O and down (per shape, the strategy measured fastest on the GPU) - so a layer
-is QKV, one RoPE + KV-cache-write kernel, attention (decode kernel for full-block, sub-block and commit rows;
-block-causal kernel for windows that span blocks), O, gate/up, down. Larger forwards (prefill, scoring)
-are compute-bound and use cuBLAS with the RMSNorm / SwiGLU kernels and cuBLAS's residual-add epilogue.
+Decode steps (at most ``fastdllm_kernels.linear.configs.FUSED_MAX_TOKENS`` tokens) are weight-bound: their
+four matmuls per layer go through ``fastdllm_kernels.linear.dispatch.linear``, mostly ``fused_linear`` kernels
+that stream the weight once and carry the layer's other work with them - RMSNorm into the QKV and gate/up
+matmuls, bias into QKV, SwiGLU into gate/up, the residual adds into O and down (per shape, the strategy
+measured fastest on the GPU) - so a layer is QKV, one RoPE + KV-cache-write kernel, attention (decode kernel
+for full-block, sub-block and commit rows; block-causal kernel for windows that span blocks), O, gate/up,
+down. Larger forwards (prefill, scoring) are compute-bound and use cuBLAS with the RMSNorm / SwiGLU kernels
+and cuBLAS's residual-add epilogue.
 
 Everything ``prepare`` derives from a batch lives on the device and depends on host values only through the
 batch's layout, so a forward can be captured in a CUDA graph and replayed with new tokens and lengths.

@@ -17,9 +17,6 @@ ORACLE_DIR = os.environ.get("FASTDLLM_ORACLE_DIR") or os.path.join(os.path.dirna
                                                                    "oracle")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
-                                   reason="needs a CUDA GPU (runs in the device session, bench/gpu_checks.sh)")
-
 
 @pytest.fixture(scope="session")
 def tiny_untied(tmp_path_factory):

@@ -1,5 +1,6 @@
-"""Programmatic dependent launch: when it is on, and - on a Hopper GPU - that a chain of PDL kernels replayed in a CUDA graph computes exactly what the same chain computes with
-ordinary launches (a kernel reading its input before its producer finished would not)."""
+"""Programmatic dependent launch: when it is on, and - on a Hopper GPU - that a chain of PDL kernels replayed
+in a CUDA graph computes exactly what the same chain computes with ordinary launches (a kernel reading its
+input before its producer finished would not)."""
 import pytest
 import torch
 

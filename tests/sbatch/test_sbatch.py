@@ -223,7 +223,7 @@ def test_profile_without_nsys_falls_back_to_the_torch_profiler(env, tmp_path):
 
 
 def test_torch_profiler_trace_names_the_forward_kinds(tmp_path):
-    """The fallback's trace, on whatever device this runs (CPU here; the GPU run is in bench/gpu_checks.sh)."""
+    """The fallback's trace, on whatever device this runs (CPU here; the GPU run is in bench/gpu_session.sh)."""
     trace = tmp_path / "trace.json"
     e = dict(os.environ, FASTDLLM_TORCH_PROFILE=str(trace), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     res = subprocess.run([sys.executable, "-m", "evalbridge", "--model_args",
