@@ -72,19 +72,27 @@ def decode_attention_fwd_kernel(
     b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_M], tl.float32)
     b_acc = tl.zeros([BLOCK_M, D], tl.float32)
-    for j0 in range(lo, hi, BLOCK_N):
+    # two loops, prefix keys then block-cache keys, so that each K/V load feeds its dot directly: Triton
+    # pipelines such loads (asynchronous copies NUM_STAGES tiles ahead); one loop summing a masked prefix
+    # load and a masked tail load was not pipelined and waited a full memory latency per key tile
+    pre_hi = tl.minimum(hi, L)
+    for j0 in range(lo, pre_hi, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
-        in_pre = j < L
-        in_tail = (j >= L) & (j < hi)
-        jt = tl.where(in_tail, j - L, 0)
-        off_pre = pre_base + j[:, None] * stride_pn + d[None, :]
-        off_tail = tail_base + jt[:, None] * stride_bn + d[None, :]
-        b_k = tl.load(p_pk + off_pre, mask=in_pre[:, None], other=0.0) + \
-            tl.load(p_bk + off_tail, mask=in_tail[:, None], other=0.0)                  # [BLOCK_N, D]
-        b_v = tl.load(p_pv + off_pre, mask=in_pre[:, None], other=0.0) + \
-            tl.load(p_bv + off_tail, mask=in_tail[:, None], other=0.0)
+        ok = j < pre_hi
+        off = pre_base + j[:, None] * stride_pn + d[None, :]
+        b_k = tl.load(p_pk + off, mask=ok[:, None], other=0.0)                             # [BLOCK_N, D]
+        b_v = tl.load(p_pv + off, mask=ok[:, None], other=0.0)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * scale                # [BLOCK_M, BLOCK_N]
-        b_s = tl.where((j < hi)[None, :], b_s, float("-inf"))
+        b_s = tl.where(ok[None, :], b_s, float("-inf"))
+        b_m, b_l, b_acc = _online_softmax_update(b_s, b_v, b_m, b_l, b_acc, DOT_PREC)
+    for j0 in range(tl.maximum(lo, L), hi, BLOCK_N):                                  # keys L.. are the block cache
+        j = j0 + tl.arange(0, BLOCK_N)
+        ok = j < hi
+        off = tail_base + (j - L)[:, None] * stride_bn + d[None, :]
+        b_k = tl.load(p_bk + off, mask=ok[:, None], other=0.0)
+        b_v = tl.load(p_bv + off, mask=ok[:, None], other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * scale
+        b_s = tl.where(ok[None, :], b_s, float("-inf"))
         b_m, b_l, b_acc = _online_softmax_update(b_s, b_v, b_m, b_l, b_acc, DOT_PREC)
     if SPLITS == 1:
         off_o = (qstart + i)[:, None] * stride_ot + (h * G + g)[:, None] * stride_oh + d[None, :]
@@ -148,6 +156,8 @@ class DecodePlan:
     block_n: int = 32
     num_warps: int = 4
     num_stages: int = 3
+    merge_rows: int = 0             # packed rows per merge program; 0: as many as keep its load at 8192 values
+    merge_warps: int = 4
 
 
 def decode_plan(rows: int, kv_heads: int, group: int, n_q: int, max_keys: int, num_sms: int = 132,
@@ -200,10 +210,11 @@ def decode_attention(q, prefix_k, prefix_v, block_k, block_v, slots, prefix_lens
         num_warps=plan.num_warps, num_stages=plan.num_stages, launch_pdl=pdl)
     if splits > 1:
         splits_p2 = triton.next_power_of_2(splits)
-        rows = max(1, min(block_m, 8192 // (splits_p2 * D)))
+        rows = plan.merge_rows or max(1, min(block_m, 8192 // (splits_p2 * D)))
         decode_attention_combine_kernel[(R * HKV, m_tiles, block_m // rows)](
             out, part_o, part_lse, q_starts, out.stride(0), out.stride(1), m_tiles, splits, HKV=HKV, G=G, NQ=n_q, D=D,
-            BLOCK_M=block_m, ROWS=rows, SPLITS_P2=splits_p2, PDL=pdl, num_warps=4, launch_pdl=pdl)
+            BLOCK_M=block_m, ROWS=rows, SPLITS_P2=splits_p2, PDL=pdl, num_warps=plan.merge_warps,
+            launch_pdl=pdl)
     return out
 
 
