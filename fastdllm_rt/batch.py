@@ -15,6 +15,8 @@ Kinds (contract §1):
 """
 from __future__ import annotations
 
+import array
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 
@@ -131,16 +133,30 @@ class PackedBatch:
 
 def pack_batch(requests: list[RowRequest], block_size: int) -> PackedBatch:
     """Pack requests into one forward. Rows are grouped by kind (order above); within a group the caller's order
-    is kept. ``logits_rows[i]`` tells where request i's logits land."""
-    order = sorted(range(len(requests)), key=lambda i: _group_key(requests[i]))
-    tokens, positions, slots_tok, logit_idx = [], [], [], []
+    is kept. ``logits_rows[i]`` tells where request i's logits land.
+
+    Runs before every decode step while the GPU waits, so it builds one Python list and one tensor over its
+    buffer (not a few tensor calls per row, which took ~120 us per step on the H100 host; ``array`` converts a
+    list of ints 3x faster than ``torch.tensor``)."""
+    keys = [_group_key(r) for r in requests]
+    order = sorted(range(len(requests)), key=keys.__getitem__)
+    tokens: list[int] = []
+    positions: list[int] = []
+    slots_tok: list[int] = []
+    logit_idx: list[int] = []
     logits_rows: list[tuple[int, int, int]] = [None] * len(requests)  # type: ignore[list-item]
     meta: list[int] = []
     layout = []
     cursor = n_logits = 0
     reuse_lo = skip_from = None
-    for key_val in sorted({_group_key(requests[i]) for i in order}):
-        members = [i for i in order if _group_key(requests[i]) == key_val]
+    pos = 0
+    while pos < len(order):
+        key_val = keys[order[pos]]
+        end = pos
+        while end < len(order) and keys[order[end]] == key_val:
+            end += 1
+        members = order[pos:end]
+        pos = end
         kind = requests[members[0]].kind
         skip = key_val[0] == 5
         lo = cursor
@@ -160,9 +176,9 @@ def pack_batch(requests: list[RowRequest], block_size: int) -> PackedBatch:
                 if req.start % block_size and kind is not Kind.PLAIN:
                     raise ValueError(f"{kind.label} windows start on a block boundary, got {req.start}")
                 starts.append(req.start)
-            tokens.append(req.tokens.reshape(-1).cpu())
-            positions.append(torch.arange(req.start, req.start + n))
-            slots_tok.append(torch.full((n,), req.slot, dtype=torch.long))
+            tokens += req.tokens.reshape(-1).tolist()
+            positions.extend(range(req.start, req.start + n))
+            slots_tok.extend([req.slot] * n)
             logit_idx.extend(cursor + j for j in req.logits_at)
             logits_rows[i] = (i, n_logits, n_logits + len(req.logits_at))
             n_logits += len(req.logits_at)
@@ -172,8 +188,8 @@ def pack_batch(requests: list[RowRequest], block_size: int) -> PackedBatch:
             cu.append(cursor - lo)
         layout.append((kind, skip, lo, cursor, members, lens, len(meta)))
         meta.extend(slots + starts + cu)
-    host = torch.cat([torch.cat(tokens).long(), torch.cat(positions), torch.cat(slots_tok),
-                      torch.tensor(logit_idx + meta, dtype=torch.long)])
+    ints = array.array("q", tokens + positions + slots_tok + logit_idx + meta)
+    host = torch.frombuffer(ints, dtype=torch.long) if ints else torch.zeros(0, dtype=torch.long)
     return PackedBatch(host, cursor, n_logits, layout, logits_rows,
                        cursor if reuse_lo is None else reuse_lo, cursor if skip_from is None else skip_from)
 
@@ -198,6 +214,15 @@ def upload(packed: PackedBatch, device, buffer: torch.Tensor | None = None) -> F
     return ForwardBatch(tokens=dev[:T], positions=dev[T:2 * T], token_slot=dev[2 * T:3 * T], groups=groups,
                         logits_index=dev[3 * T:3 * T + n_log], logits_rows=packed.logits_rows,
                         reuse_lo=packed.reuse_lo, skip_from=packed.skip_from)
+
+
+def rebind(batch: ForwardBatch, packed: PackedBatch) -> ForwardBatch:
+    """``batch`` (uploaded for a packing of the same signature, e.g. a CUDA graph's captured batch) describing
+    ``packed``: the device views are reused, the host-side fields (which request is where) are ``packed``'s.
+    Costs a few object constructions, where ``upload`` slices the device buffer anew (~80 us per step on the
+    H100 host). The caller copies ``packed.host`` into the buffer behind ``batch``."""
+    groups = [dataclasses.replace(g, rows=members) for g, (*_, members, _, _) in zip(batch.groups, packed.layout)]
+    return dataclasses.replace(batch, groups=groups, logits_rows=packed.logits_rows)
 
 
 def build_batch(requests: list[RowRequest], device, block_size: int) -> ForwardBatch:

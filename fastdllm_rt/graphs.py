@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import torch
 
-from .batch import Kind, pack_batch, upload
+from .batch import Kind, pack_batch, rebind, upload
 
 GRAPHABLE = {Kind.FULL, Kind.SUB, Kind.COMMIT}
 MAX_GRAPH_TOKENS = 2048         # larger steps are GPU-bound: launch overhead no longer matters
 
 
 class _Captured:
-    __slots__ = ("graph", "buffer", "logits", "computed", "skipped")
+    __slots__ = ("graph", "buffer", "batch", "logits", "computed", "skipped")
 
 
 class GraphRunner:
@@ -45,8 +45,9 @@ class GraphRunner:
         if cap is None:
             cap = self._capture(packed)
             self.graphs[sig] = cap
-        batch = upload(packed, self.model.device, buffer=cap.buffer)
+        cap.buffer.copy_(packed.host, non_blocking=True)
         cap.graph.replay()
+        batch = rebind(cap.batch, packed)                 # host work while the GPU runs
         self.replays += 1
         self.last = cap
         m = self.model
@@ -63,7 +64,7 @@ class GraphRunner:
         m = self.model
         cap = _Captured()
         cap.buffer = packed.host.to(m.device)
-        batch = upload(packed, m.device, buffer=cap.buffer)
+        batch = cap.batch = upload(packed, m.device, buffer=cap.buffer)
         before_c, before_s = list(m.layer_rows_computed), list(m.layer_rows_skipped)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
