@@ -1,10 +1,11 @@
-"""Sweep the decode-attention launch plan (key tile, K/V splits, pipeline depth, query tile) at the decode
-shapes, next to the plan ``decode_plan`` picks. One JSON line per shape in
+"""Sweep the decode-attention launch plan (key tile, K/V splits, pipeline depth, query tile, then the merge
+kernel's rows per program and warps) at the decode shapes, next to the plan ``decode_plan`` picks. One JSON line per shape in
 ``bench/results/attention_sweep.jsonl`` with the best plan, the default plan's time and SDPA-with-mask's.
 
     python bench/attention_sweep.py [--prefixes 2048,8192]
 """
 import argparse
+import dataclasses
 import itertools
 
 import torch
@@ -43,7 +44,7 @@ def main():
             best, best_ms = default, default_ms
             for bm in {64, 128} if G * n > 64 else {64}:
                 m_tiles = -(-G * n // bm)
-                for bn, stages, splits in itertools.product((32, 64, 128), (2, 3), (4, 8, 16, 32, 64)):
+                for bn, stages, splits in itertools.product((32, 64, 128), (2, 3, 4), (4, 8, 16, 32, 64)):
                     plan = DecodePlan(bm, m_tiles, splits, bn, 8 if bm * bn >= 128 * 64 else 4, stages)
                     try:
                         fn = lambda: decode_attention(q, pk, pv, bk, bv, *meta, n_q=n, scale=scale, plan=plan)  # noqa: E731
@@ -55,6 +56,17 @@ def main():
                     assert err < 2e-2, f"{plan}: max err {err} against the one-split result"
                     if ms < best_ms:
                         best, best_ms = plan, ms
+            splits_p2 = 1 << (best.splits - 1).bit_length()
+            for merge_rows, warps in itertools.product((1, 2, 4, 8, 16, 32), (4, 8)):
+                if best.splits == 1 or best.block_m % merge_rows or splits_p2 * merge_rows * D > 32768:
+                    continue
+                plan = dataclasses.replace(best, merge_rows=merge_rows, merge_warps=warps)
+                fn = lambda: decode_attention(q, pk, pv, bk, bv, *meta, n_q=n, scale=scale, plan=plan)  # noqa: E731
+                err = float((fn().float() - ref).abs().max())
+                assert err < 2e-2, f"{plan}: max err {err} against the one-split result"
+                ms = graph_time(fn, reps=20, iters=10)["p50_ms"]
+                if ms < best_ms:
+                    best, best_ms = plan, ms
             kv_bytes = 2 * hkv * (L + 32) * D * 2
             rows.append(record("attention_sweep", model=model, prefix=L, queries=n, best_plan=vars(best),
                                best_ms=best_ms, default_plan=vars(default), default_ms=default_ms, sdpa_ms=sdpa,
@@ -67,7 +79,7 @@ def main():
         b = r["best_plan"]
         print(f"{r['model']:5} {r['prefix']:6d} {r['queries']:3d} {r['default_ms'] * 1e3:8.1f} {r['best_ms'] * 1e3:6.1f} "
               f"{r['sdpa_ms'] * 1e3:6.1f} {100 * r['best_fraction_of_copy_bw']:5.1f}  bm{b['block_m']} bn{b['block_n']} "
-              f"s{b['splits']} st{b['num_stages']} w{b['num_warps']}")
+              f"s{b['splits']} st{b['num_stages']} w{b['num_warps']} merge r{b['merge_rows']} w{b['merge_warps']}")
 
 
 if __name__ == "__main__":
