@@ -47,7 +47,7 @@ def test_a_rebound_batch_computes_what_a_fresh_upload_computes(tiny_untied):
         return [sub, full] if sub_first else [full, sub]
 
     first = pack_batch(step(a, b, False, 0), 32)
-    buffer = first.host.clone()
+    buffer = first.host.to(rt.device)                  # as the graph runner keeps it
     captured = upload(first, rt.device, buffer=buffer)
     second_reqs = step(b, a, True, 1)
     second = pack_batch(second_reqs, 32)
