@@ -1,0 +1,62 @@
+"""Where a decode-attention call's time goes: the split pass and the merge kernel timed apart (torch profiler,
+20 eager calls each) at the decode shapes, for the plan ``decode_plan`` picks and with half / a quarter of its
+splits; the whole call as a CUDA graph of 20 calls beside them.
+
+    python bench/attention_kernels.py [--prefixes 2048,8192]
+"""
+import argparse
+import collections
+import dataclasses
+
+import torch
+
+from common import decode_attention_inputs, graph_time, record
+
+from fastdllm_kernels.attention.kernel import decode_attention, decode_plan
+
+HEADS = {"7B": (28, 4), "1.5B": (12, 2)}
+
+
+def kernel_us(fn, calls: int = 20) -> dict:
+    """Mean device time per call of each kernel ``fn`` launches, by kernel name."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    total = collections.Counter()
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            total[e.name] += e.device_time_total
+    return {name: us / calls for name, us in total.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prefixes", default="2048,8192")
+    args = ap.parse_args()
+    command = f"python bench/attention_kernels.py --prefixes {args.prefixes}"
+    for model, (hq, hkv) in HEADS.items():
+        for prefix in (int(p) for p in args.prefixes.split(",")):
+            for n in (32, 8):
+                q, pk, pv, bk, bv, meta = decode_attention_inputs(hq, hkv, prefix, n)
+                default = decode_plan(1, hkv, hq // hkv, n, pk.shape[2] + 32)
+                for label, div in (("default", 1), ("splits/2", 2), ("splits/4", 4)):
+                    plan = dataclasses.replace(default, splits=max(1, default.splits // div))
+                    fn = lambda: decode_attention(q, pk, pv, bk, bv, *meta, n_q=n, scale=128 ** -0.5,  # noqa: E731
+                                                  plan=plan)
+                    graph_us = graph_time(fn)["p50_ms"] * 1e3
+                    kernels = kernel_us(fn)
+                    split = sum(v for k, v in kernels.items() if "fwd" in k)
+                    merge = sum(v for k, v in kernels.items() if "combine" in k)
+                    record("attention_kernels", model=model, prefix=prefix, queries=n, plan=label,
+                           splits=plan.splits, graph_us=graph_us, split_pass_us=split, merge_us=merge,
+                           command=command)
+                    print(f"{model:4} L={prefix:5d} q{n:2d} {label:8s} s{plan.splits:<3d} graph {graph_us:5.1f} us"
+                          f"  split pass {split:5.1f}  merge {merge:4.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
