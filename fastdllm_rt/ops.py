@@ -13,6 +13,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from fastdllm_kernels.linear.reference import fused_linear_ref
 from fastdllm_kernels.rms_norm.reference import add_rms_norm_ref, rms_norm_ref
 from fastdllm_kernels.rope.reference import rope_ref
 from fastdllm_kernels.swiglu.reference import swiglu_ref
@@ -88,16 +89,16 @@ class TorchOps:
     def swiglu(self, gate_up):
         return swiglu_ref(gate_up)
 
-    # the layer's matmuls with what surrounds them, composed exactly as the HF layer rounds
+    # the layer's matmuls with what surrounds them, composed exactly as the HF layer rounds (the reference of
+    # the triton backend's fused linears)
     def norm_linear(self, x, norm, weight, bias=None, out_dtype=None):
-        y = F.linear(rms_norm_ref(x, norm.weight, norm.eps), weight, bias)
-        return y if out_dtype is None else y.to(out_dtype)
+        return fused_linear_ref(x, weight, norm_weight=norm.weight, eps=norm.eps, bias=bias, out_dtype=out_dtype)
 
     def linear_residual(self, a, weight, residual):
-        return residual + F.linear(a, weight)
+        return fused_linear_ref(a, weight, residual=residual)
 
     def norm_swiglu(self, x, norm, gate_up_weight):
-        return swiglu_ref(F.linear(rms_norm_ref(x, norm.weight, norm.eps), gate_up_weight))
+        return fused_linear_ref(x, gate_up_weight, norm_weight=norm.weight, eps=norm.eps, swiglu=True)
 
     def prepare(self, model, batch, groups, T) -> AttnContext:
         ctx = AttnContext(model, batch, groups, T)
