@@ -18,6 +18,7 @@ from __future__ import annotations
 import array
 import dataclasses
 import enum
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -149,14 +150,8 @@ def pack_batch(requests: list[RowRequest], block_size: int) -> PackedBatch:
     layout = []
     cursor = n_logits = 0
     reuse_lo = skip_from = None
-    pos = 0
-    while pos < len(order):
-        key_val = keys[order[pos]]
-        end = pos
-        while end < len(order) and keys[order[end]] == key_val:
-            end += 1
-        members = order[pos:end]
-        pos = end
+    for key_val, group in itertools.groupby(order, key=keys.__getitem__):
+        members = list(group)
         kind = requests[members[0]].kind
         skip = key_val[0] == 5
         lo = cursor
