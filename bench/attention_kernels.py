@@ -5,32 +5,13 @@ splits; the whole call as a CUDA graph of 20 calls beside them.
     python bench/attention_kernels.py [--prefixes 2048,8192]
 """
 import argparse
-import collections
 import dataclasses
 
-import torch
-
-from common import decode_attention_inputs, graph_time, record
+from common import decode_attention_inputs, graph_time, kernel_times_us, record
 
 from fastdllm_kernels.attention.kernel import decode_attention, decode_plan
 
 HEADS = {"7B": (28, 4), "1.5B": (12, 2)}
-
-
-def kernel_us(fn, calls: int = 20) -> dict:
-    """Mean device time per call of each kernel ``fn`` launches, by kernel name."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    total = collections.Counter()
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            total[e.name] += e.device_time_total
-    return {name: us / calls for name, us in total.items()}
 
 
 def main():
@@ -48,7 +29,7 @@ def main():
                     fn = lambda: decode_attention(q, pk, pv, bk, bv, *meta, n_q=n, scale=128 ** -0.5,  # noqa: E731
                                                   plan=plan)
                     graph_us = graph_time(fn)["p50_ms"] * 1e3
-                    kernels = kernel_us(fn)
+                    kernels = kernel_times_us(fn, 20)
                     split = sum(v for k, v in kernels.items() if "fwd" in k)
                     merge = sum(v for k, v in kernels.items() if "combine" in k)
                     record("attention_kernels", model=model, prefix=prefix, queries=n, plan=label,

@@ -95,6 +95,23 @@ def graph_time(fn, reps: int = 20, iters: int = 20) -> dict:
     return {k: v / reps for k, v in t.items()}
 
 
+def kernel_times_us(fn, calls: int) -> dict:
+    """Mean device time per call (us) of each GPU kernel ``fn`` launches, by kernel name: ``calls`` calls under
+    the torch profiler (the runtime's ``fastdllm:`` ranges and memory copies left out). Warm ``fn`` up first."""
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    times = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t and ev.key and not ev.key.startswith("fastdllm:") and "Memcpy" not in ev.key \
+                and "ProfilerStep" not in ev.key:
+            times[ev.key] = t / calls
+    return times
+
+
 @contextlib.contextmanager
 def env(**values: str):
     """Environment variables set for the block (kernels read FASTDLLM_* at each launch, so CUDA graphs captured

@@ -9,7 +9,7 @@ import collections
 
 import torch
 
-from common import SHAPES, copy_bandwidth_gbs, random_state_dict, record, step_weight_bytes
+from common import SHAPES, copy_bandwidth_gbs, kernel_times_us, random_state_dict, record, step_weight_bytes
 
 import fastdllm_rt
 from fastdllm_rt.batch import Kind, RowRequest
@@ -52,17 +52,10 @@ def main():
                                        logits_at=list(range(8)))])
     for _ in range(3):
         step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(args.steps):
-            step()
-        torch.cuda.synchronize()
     totals = collections.Counter()
-    for ev in prof.key_averages():
-        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
-        if t and ev.key and not ev.key.startswith("fastdllm:") and "Memcpy" not in ev.key and "ProfilerStep" not in ev.key:
-            totals[category(ev.key)] += t
-    per_step = {k: v / args.steps / 1e3 for k, v in totals.items()}     # us -> ms
+    for name, us in kernel_times_us(step, args.steps).items():
+        totals[category(name)] += us
+    per_step = {k: v / 1e3 for k, v in totals.items()}                  # us -> ms
     floor = step_bytes / (bw * 1e9) * 1e3
     gpu = sum(per_step.values())
     mm = per_step.get("matmul", 0) + per_step.get("fused_linear", 0) or 1e-9   # fused linears read the weights
