@@ -2,8 +2,7 @@
 
 For each model, token count (8 = sub-block step, 32 = full-block / commit step) and projection (QKV with
 RMSNorm + bias, O with residual, gate/up with RMSNorm + SwiGLU, down with residual, LM head with RMSNorm and
-fp32 output), every strategy (``kernels/linear/configs.py``) with every candidate tiling and K split (grid
-split-K, or stream-K over one or two programs per SM) is timed
+fp32 output), every strategy (``kernels/linear/configs.py``) with every candidate tiling and K split is timed
 as a CUDA graph of 20 calls (launched as the runtime launches them: ordinary launches unless FASTDLLM_PDL=1).
 The calls cycle through copies of the weight that together exceed the L2 cache
 three times over, so each call reads its weight from HBM as in a real step (a single 33 MB weight would stay
@@ -54,10 +53,6 @@ def candidates(M: int, N: int, K: int, swiglu: bool, num_sms: int):
                               or (tiles * split < num_sms // 2 and split < 16)):
                 continue
             yield LinearConfig(bm, bn, bk, split, warps, stages)
-        # stream-K: one or two programs per SM sharing the (tile, K block) units evenly
-        for per_sm in (1, 2):
-            if tiles * triton.cdiv(K, bk) >= 2 * per_sm * num_sms:
-                yield LinearConfig(bm, bn, bk, 1, warps, stages, programs=per_sm * num_sms)
 
 
 class Rotating:

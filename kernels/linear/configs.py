@@ -37,7 +37,6 @@ class LinearConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 4
-    programs: int = 0           # > 0: stream-K over this many programs (split_k unused); see kernel.py
 
     def to_json(self) -> dict:
         return asdict(self)

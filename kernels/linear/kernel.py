@@ -15,14 +15,6 @@ Each split stores its partial tile (and partial sums of squares) to a workspace 
 the split that arrives last sums all partials in split order - deterministic - runs the epilogue, and resets
 the counter to zero, so the next call (or CUDA-graph replay) starts clean without a memset. The counters are
 one buffer per device: calls must not run concurrently on two streams (the runtime issues them on one).
-
-Stream-K (``LinearConfig.programs > 0``): a fixed grid of programs - a multiple of the SM count - shares the
-(output tile, K block) units evenly, so every SM streams the same number of weight bytes whatever the tile
-count. With a grid of whole tiles, a shape whose tile count is just over the SM count (7B QKV: 144 tiles of 32
-columns on 132 SMs) runs a second, nearly empty wave, and one just under it leaves SMs idle. A program walks
-its contiguous unit range tile by tile; a tile finished by one program takes the epilogue at once, a tile
-shared by several goes through the same workspace-and-counter reduction as split-K (its parts summed in
-program order: deterministic).
 """
 from __future__ import annotations
 
@@ -131,62 +123,6 @@ def fused_linear_kernel(
                   NORM, BIAS, SWIGLU, RESIDUAL)
 
 
-@triton.jit(do_not_specialize=["M", "UNITS", "PROGRAMS"])
-def streamk_linear_kernel(
-        p_x, p_w, p_out, p_gamma, p_bias, p_res, p_ws, p_ss, p_count,
-        M, N, K, stride_xm, stride_wn, stride_om, stride_rm, eps,
-        N_TILES, KB, UNITS, PROGRAMS, MAX_PARTS, NORM: tl.constexpr, BIAS: tl.constexpr,
-        SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
-        PDL: tl.constexpr):
-    """Program p owns units [p U / P, (p + 1) U / P) of the U = tiles x KB (tile, K block) units, tile-major."""
-    p = tl.program_id(0).to(tl.int64)
-    u_lo = p * UNITS // PROGRAMS
-    u_hi = (p + 1) * UNITS // PROGRAMS
-    tile_elems = BLOCK_M * BLOCK_N * (2 if SWIGLU else 1)
-    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    wait_for_producer(PDL)
-    for t in range(u_lo // KB, tl.cdiv(u_hi, KB)):
-        kb_lo = tl.maximum(u_lo - t * KB, 0)
-        kb_hi = tl.minimum(u_hi - t * KB, KB)
-        rm = (t // N_TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = (t % N_TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_ok = rm < M
-        n_ok = rn < N
-        acc, acc_u, ss = _partial_tile(p_x, p_w, p_gamma, rm, rn, m_ok, n_ok, kb_lo * BLOCK_K, K, N,
-                                       stride_xm, stride_wn, (kb_hi - kb_lo) * BLOCK_K, NORM, SWIGLU, EVEN_K,
-                                       BLOCK_M, BLOCK_N, BLOCK_K, DOT_PREC)
-        if kb_hi - kb_lo == KB:                      # the whole tile is this program's
-            _epilogue(acc, acc_u, ss, rm, rn, m_ok, n_ok, p_out, p_bias, p_res, K, stride_om, stride_rm, eps,
-                      NORM, BIAS, SWIGLU, RESIDUAL)
-        else:
-            # the programs holding this tile's first and last units; this one's part is p - first
-            first = ((t * KB + 1) * PROGRAMS + UNITS - 1) // UNITS - 1
-            parts = (((t + 1) * KB) * PROGRAMS + UNITS - 1) // UNITS - first
-            ws = p_ws + t * MAX_PARTS * tile_elems
-            tl.store(ws + (p - first) * tile_elems + offs, acc)
-            if SWIGLU:
-                tl.store(ws + (p - first) * tile_elems + BLOCK_M * BLOCK_N + offs, acc_u)
-            if NORM:
-                tl.store(p_ss + (t * MAX_PARTS + p - first) * BLOCK_M + tl.arange(0, BLOCK_M), ss)
-            tl.debug_barrier()                       # every thread's part is written before the release
-            arrived = tl.atomic_add(p_count + t, 1, sem="acq_rel")
-            if arrived == parts - 1:                 # the last part to arrive reduces, in program order
-                acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-                acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-                ss = tl.zeros([BLOCK_M], tl.float32)
-                for s in range(parts):
-                    acc += tl.load(ws + s * tile_elems + offs, cache_modifier=".cg")
-                    if SWIGLU:
-                        acc_u += tl.load(ws + s * tile_elems + BLOCK_M * BLOCK_N + offs, cache_modifier=".cg")
-                    if NORM:
-                        ss += tl.load(p_ss + (t * MAX_PARTS + s) * BLOCK_M + tl.arange(0, BLOCK_M),
-                                      cache_modifier=".cg")
-                tl.atomic_xchg(p_count + t, 0)
-                _epilogue(acc, acc_u, ss, rm, rn, m_ok, n_ok, p_out, p_bias, p_res, K, stride_om, stride_rm, eps,
-                          NORM, BIAS, SWIGLU, RESIDUAL)
-
-
 @triton.jit
 def _epilogue(acc, acc_u, ss, rm, rn, m_ok, n_ok, p_out, p_bias, p_res, K, stride_om, stride_rm, eps,
               NORM: tl.constexpr, BIAS: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr):
@@ -238,10 +174,6 @@ def fused_linear(x, weight, *, norm_weight=None, eps: float = 1e-6, bias=None, s
         return out
     cfg = config or pick_config(M, N, K, swiglu, num_sms, device_name(x.device))
     m_tiles, n_tiles = triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n)
-    if residual is not None:
-        assert residual.shape == (M, N) and residual.stride(-1) == 1, (residual.shape, (M, N))
-    if cfg.programs:
-        return _streamk(x, weight, out, norm_weight, eps, bias, swiglu, residual, cfg, m_tiles, n_tiles)
     k_per_split = triton.cdiv(triton.cdiv(K, cfg.split_k), cfg.block_k) * cfg.block_k
     split_k = triton.cdiv(K, k_per_split)
     even_k = K % cfg.block_k == 0 and k_per_split * split_k == K
@@ -256,37 +188,14 @@ def fused_linear(x, weight, *, norm_weight=None, eps: float = 1e-6, bias=None, s
         ss = torch.empty(tiles * split_k * cfg.block_m, dtype=torch.float32, device=x.device)
     else:
         ws = ss = _f32_dummy(x.device)
+    if residual is not None:
+        assert residual.shape == (M, N) and residual.stride(-1) == 1, (residual.shape, (M, N))
     fused_linear_kernel[(n_tiles, split_k, m_tiles)](
         x, weight, out, norm_weight if norm_weight is not None else dummy, bias if bias is not None else dummy,
         residual if residual is not None else dummy, ws, ss, count,
         M, N, K, x.stride(0), weight.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0,
         eps, K_PER_SPLIT=k_per_split, SPLIT_K=split_k, NORM=norm_weight is not None,
         BIAS=bias is not None, SWIGLU=swiglu, RESIDUAL=residual is not None, EVEN_K=even_k,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl)
-    return out
-
-
-def _streamk(x, weight, out, norm_weight, eps, bias, swiglu, residual, cfg, m_tiles, n_tiles):
-    M, K = x.shape
-    N = out.shape[1]
-    tiles, kb = m_tiles * n_tiles, triton.cdiv(K, cfg.block_k)
-    units = tiles * kb
-    programs = min(cfg.programs, units)
-    max_parts = triton.cdiv(kb, units // programs) + 1          # a tile spans at most this many programs
-    assert tiles <= MAX_TILES, f"fused_linear: {tiles} output tiles exceed {MAX_TILES}"
-    ws = torch.empty(tiles * max_parts * cfg.block_m * cfg.block_n * (2 if swiglu else 1), dtype=torch.float32,
-                     device=x.device)
-    ss = torch.empty(tiles * max_parts * cfg.block_m, dtype=torch.float32, device=x.device)
-    pdl = pdl_enabled(x.device)
-    dummy = out
-    streamk_linear_kernel[(programs,)](
-        x, weight, out, norm_weight if norm_weight is not None else dummy, bias if bias is not None else dummy,
-        residual if residual is not None else dummy, ws, ss, _counters(x.device),
-        M, N, K, x.stride(0), weight.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0,
-        eps, n_tiles, kb, units, programs, max_parts, NORM=norm_weight is not None, BIAS=bias is not None,
-        SWIGLU=swiglu, RESIDUAL=residual is not None, EVEN_K=K % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl)

@@ -65,29 +65,6 @@ def test_fused_linear_split_k_reduces_every_partial_once(fusion, split_k, K):
     assert all(int(c.abs().sum()) == 0 for c in _COUNTERS.values())
 
 
-@pytest.mark.parametrize("fusion", list(FUSIONS))
-@pytest.mark.parametrize("programs, M, N, K", [
-    (5, 8, 96, 256),      # 3 tiles x 4 K blocks = 12 units over 5 programs: every tile shared, parts of 2-3
-    (2, 40, 48, 320),     # 2 row tiles x 2 column tiles x 5 blocks over 2 programs: whole tiles and a split one
-    (7, 8, 80, 200),      # K not a multiple of the block (masked last block), ragged column edge
-    (64, 8, 32, 128),     # more programs than units: one unit each
-])
-def test_fused_linear_stream_k_reduces_every_part_once(fusion, programs, M, N, K):
-    _case(torch.float32, M, N, K, fusion, LinearConfig(block_m=16 if M <= 16 else 32, block_n=32, block_k=64,
-                                                        programs=programs))
-    assert all(int(c.abs().sum()) == 0 for c in _COUNTERS.values())
-
-
-def test_fused_linear_stream_k_is_deterministic_and_equals_split_k():
-    x = torch.randn(8, 512, device=DEVICE)
-    w = torch.randn(96, 512, device=DEVICE)
-    cfg = LinearConfig(block_m=16, block_n=32, block_k=64, programs=5)
-    a = fused_linear(x, w, config=cfg)
-    assert torch.equal(a, fused_linear(x, w, config=cfg))
-    one = fused_linear(x, w, config=LinearConfig(block_m=16, block_n=32, block_k=64, programs=3))  # whole tiles
-    torch.testing.assert_close(a, one, rtol=1e-5, atol=1e-4)
-
-
 def test_fused_linear_split_k_is_deterministic():
     x = torch.randn(8, 512, device=DEVICE)
     w = torch.randn(64, 512, device=DEVICE)
