@@ -104,12 +104,13 @@ def measure_provider(shape, fields, sd, provider, args, floor_ms, step_bytes, co
 
 
 def provider_env(provider: str):
-    """The environment a provider variant runs (and captures its graphs) under: ``+pdl`` / ``+nopdl``."""
+    """The environment a provider variant runs (and captures its graphs) under: ``+pdl`` / ``+pdlexit`` /
+    ``+nopdl`` (``FASTDLLM_PDL`` = 1 / exit / 0)."""
     values = {}
     for variant in provider.split("+")[1:]:
-        if variant not in ("pdl", "nopdl"):
+        if variant not in ("pdl", "pdlexit", "nopdl"):
             raise ValueError(f"unknown provider variant {variant!r} in {provider!r}")
-        values["FASTDLLM_PDL"] = "1" if variant == "pdl" else "0"
+        values["FASTDLLM_PDL"] = {"pdl": "1", "pdlexit": "exit", "nopdl": "0"}[variant]
     return env(**values)
 
 

@@ -15,7 +15,8 @@ has finished and its writes are visible. Our kernels:
 cuBLAS and PyTorch kernels in the chain launch normally and wait for their predecessor to complete; a PDL
 kernel after them waits as usual.
 
-It is OFF by default: ``FASTDLLM_PDL=1`` turns it on for CUDA devices of compute capability 9.0 and newer
+It is OFF by default: ``FASTDLLM_PDL=1`` turns it on (``FASTDLLM_PDL=exit``: the same, but each kernel lets
+its successor launch only when its programs exit) for CUDA devices of compute capability 9.0 and newer
 (read at each launch, so CUDA graphs captured after the change follow it; never under the Triton
 interpreter). Measured on an H100 (bench/pdl_gap.py, bench/steps.py, device runs 21-24): inside a CUDA
 graph the gap between two dependent kernels is already 0.93 us and PDL makes it 0.61 us, but whole decode
@@ -40,20 +41,30 @@ def _capability_major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
+def pdl_mode(device: torch.device) -> int:
+    """How kernels on ``device`` launch: 0 ordinarily; with programmatic dependent launch, 1 letting the next
+    kernel launch as soon as this one has passed its wait (``FASTDLLM_PDL=1``), 2 only when this one's programs
+    exit (``FASTDLLM_PDL=exit``: the next kernel's programs cannot take SM room this one's later programs need)."""
+    value = os.environ.get("FASTDLLM_PDL", "0")
+    if value not in ("0", "1", "exit"):
+        raise ValueError(f"FASTDLLM_PDL={value!r}: expected 0 (off), 1 or exit")
+    if value == "0" or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return 0
+    if _capability_major(device.index if device.index is not None else torch.cuda.current_device()) < 9:
+        return 0
+    return 1 if value == "1" else 2
+
+
 def pdl_enabled(device: torch.device) -> bool:
-    """Whether kernels on ``device`` launch with programmatic dependent launch (``FASTDLLM_PDL=1``)."""
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    if os.environ.get("FASTDLLM_PDL", "0") != "1":
-        return False
-    return _capability_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+    """Whether kernels on ``device`` launch with programmatic dependent launch (``FASTDLLM_PDL=1`` or ``exit``)."""
+    return pdl_mode(device) > 0
 
 
 @triton.jit
 def wait_for_producer(PDL: tl.constexpr):
-    """Block until the previous kernel in the stream has completed (its writes visible), then let the next
-    kernel launch. A no-op when the kernel was not launched with PDL."""
+    """Block until the previous kernel in the stream has completed (its writes visible); under mode 1 then let
+    the next kernel launch. A no-op when the kernel was not launched with PDL (``PDL`` = ``pdl_mode``)."""
     if PDL:
         gdc_wait()
-        gdc_launch_dependents()
-
+        if PDL == 1:
+            gdc_launch_dependents()

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdllm_kernels.launch import pdl_enabled, wait_for_producer
+from fastdllm_kernels.launch import pdl_mode, wait_for_producer
 
 
 @triton.jit
@@ -193,7 +193,7 @@ def decode_attention(q, prefix_k, prefix_v, block_k, block_v, slots, prefix_lens
     if R == 0:
         return out
     plan = plan or decode_plan(R, HKV, G, n_q, prefix_k.shape[2] + TAIL, num_sms)
-    pdl = pdl_enabled(q.device)
+    pdl = pdl_mode(q.device)
     block_m, m_tiles, splits, block_n = plan.block_m, plan.m_tiles, plan.splits, plan.block_n
     if splits > 1:
         part_o = torch.empty(R * HKV * m_tiles * splits * block_m * D, dtype=q.dtype, device=q.device)
@@ -207,14 +207,14 @@ def decode_attention(q, prefix_k, prefix_v, block_k, block_v, slots, prefix_lens
         block_k.stride(0), block_k.stride(1), block_k.stride(2),
         scale, m_tiles, splits, HKV=HKV, G=G, NQ=n_q, D=D, TAIL=TAIL,
         BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=_dot_precision(q), PDL=pdl,
-        num_warps=plan.num_warps, num_stages=plan.num_stages, launch_pdl=pdl)
+        num_warps=plan.num_warps, num_stages=plan.num_stages, launch_pdl=pdl > 0)
     if splits > 1:
         splits_p2 = triton.next_power_of_2(splits)
         rows = plan.merge_rows or max(1, min(block_m, 8192 // (splits_p2 * D)))
         decode_attention_combine_kernel[(R * HKV, m_tiles, block_m // rows)](
             out, part_o, part_lse, q_starts, out.stride(0), out.stride(1), m_tiles, splits, HKV=HKV, G=G, NQ=n_q, D=D,
             BLOCK_M=block_m, ROWS=rows, SPLITS_P2=splits_p2, PDL=pdl, num_warps=plan.merge_warps,
-            launch_pdl=pdl)
+            launch_pdl=pdl > 0)
     return out
 
 

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdllm_kernels.launch import pdl_enabled, wait_for_producer
+from fastdllm_kernels.launch import pdl_mode, wait_for_producer
 
 from .configs import LinearConfig, device_name, pick_config
 
@@ -177,7 +177,7 @@ def fused_linear(x, weight, *, norm_weight=None, eps: float = 1e-6, bias=None, s
     k_per_split = triton.cdiv(triton.cdiv(K, cfg.split_k), cfg.block_k) * cfg.block_k
     split_k = triton.cdiv(K, k_per_split)
     even_k = K % cfg.block_k == 0 and k_per_split * split_k == K
-    pdl = pdl_enabled(x.device)
+    pdl = pdl_mode(x.device)
     dummy = out
     count = _counters(x.device)           # typed pointers even when unused: the split branch compiles anyway
     if split_k > 1:
@@ -198,5 +198,5 @@ def fused_linear(x, weight, *, norm_weight=None, eps: float = 1e-6, bias=None, s
         BIAS=bias is not None, SWIGLU=swiglu, RESIDUAL=residual is not None, EVEN_K=even_k,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl > 0)
     return out

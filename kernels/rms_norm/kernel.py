@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdllm_kernels.launch import pdl_enabled, wait_for_producer
+from fastdllm_kernels.launch import pdl_mode, wait_for_producer
 
 
 @triton.jit
@@ -37,10 +37,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     _check(x, weight)
     out = torch.empty_like(x)
     if x.shape[0]:
-        pdl = pdl_enabled(x.device)
+        pdl = pdl_mode(x.device)
         rms_norm_fwd_kernel[(x.shape[0],)](x, x, weight, out, out, x.stride(0), 0, out.stride(0), 0, x.shape[1],
                                            eps, HAS_RES=False, BLOCK=triton.next_power_of_2(x.shape[1]), PDL=pdl,
-                                           num_warps=8 if x.shape[1] >= 2048 else 4, launch_pdl=pdl)
+                                           num_warps=8 if x.shape[1] >= 2048 else 4, launch_pdl=pdl > 0)
     return out
 
 
@@ -51,9 +51,9 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     out = torch.empty_like(x)
     res_out = torch.empty_like(x)
     if x.shape[0]:
-        pdl = pdl_enabled(x.device)
+        pdl = pdl_mode(x.device)
         rms_norm_fwd_kernel[(x.shape[0],)](x, residual, weight, out, res_out, x.stride(0), residual.stride(0),
                                            out.stride(0), res_out.stride(0), x.shape[1], eps, HAS_RES=True,
                                            BLOCK=triton.next_power_of_2(x.shape[1]), PDL=pdl,
-                                           num_warps=8 if x.shape[1] >= 2048 else 4, launch_pdl=pdl)
+                                           num_warps=8 if x.shape[1] >= 2048 else 4, launch_pdl=pdl > 0)
     return out, res_out

@@ -6,7 +6,7 @@ to the block cache at (slot[t], :, index[t] % bs); 0 writes nothing (plain forwa
 import triton
 import triton.language as tl
 
-from fastdllm_kernels.launch import pdl_enabled, wait_for_producer
+from fastdllm_kernels.launch import pdl_mode, wait_for_producer
 
 
 @triton.jit
@@ -63,12 +63,12 @@ def rope_write(q, k, v, cos_table, sin_table, positions, dest, slots, prefix_k, 
     assert positions.shape == (T,) and dest.shape == (T,) and slots.shape == (T,)
     if T == 0:
         return q, k
-    pdl = pdl_enabled(q.device)
+    pdl = pdl_mode(q.device)
     rope_write_fwd_kernel[(T,)](
         q, k, v, cos_table, sin_table, positions, dest, slots, prefix_k, prefix_v, block_k, block_v,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
         block_k.stride(0), block_k.stride(1), block_k.stride(2),
         HQ=HQ, HKV=HKV, D=D, BS=block_k.shape[2], BLOCK_H=triton.next_power_of_2(max(HQ, HKV)), PDL=pdl,
-        num_warps=4, launch_pdl=pdl)
+        num_warps=4, launch_pdl=pdl > 0)
     return q, k

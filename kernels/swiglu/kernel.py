@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdllm_kernels.launch import pdl_enabled, wait_for_producer
+from fastdllm_kernels.launch import pdl_mode, wait_for_producer
 
 
 @triton.jit
@@ -25,7 +25,7 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(T, F, dtype=gate_up.dtype, device=gate_up.device)
     BLOCK = 1024
     if T:
-        pdl = pdl_enabled(gate_up.device)
+        pdl = pdl_mode(gate_up.device)
         swiglu_fwd_kernel[(T, triton.cdiv(F, BLOCK))](gate_up, out, gate_up.stride(0), out.stride(0), F, BLOCK=BLOCK,
-                                                      PDL=pdl, num_warps=4, launch_pdl=pdl)
+                                                      PDL=pdl, num_warps=4, launch_pdl=pdl > 0)
     return out

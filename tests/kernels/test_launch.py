@@ -7,7 +7,7 @@ import torch
 from tests.kernels.conftest import DEVICE
 
 from fastdllm_kernels.attention.kernel import decode_attention
-from fastdllm_kernels.launch import pdl_enabled
+from fastdllm_kernels.launch import pdl_enabled, pdl_mode
 from fastdllm_kernels.linear.configs import LinearConfig
 from fastdllm_kernels.linear.kernel import fused_linear
 from fastdllm_kernels.rms_norm.kernel import rms_norm
@@ -25,7 +25,13 @@ def test_pdl_only_when_asked_for_and_on_hopper(monkeypatch):
     assert not pdl_enabled(torch.device(DEVICE))
     monkeypatch.setenv("FASTDLLM_PDL", "1")
     assert pdl_enabled(torch.device(DEVICE)) == HOPPER
+    assert pdl_mode(torch.device(DEVICE)) == (1 if HOPPER else 0)
     assert not pdl_enabled(torch.device("cpu"))
+    monkeypatch.setenv("FASTDLLM_PDL", "exit")
+    assert pdl_mode(torch.device(DEVICE)) == (2 if HOPPER else 0)
+    monkeypatch.setenv("FASTDLLM_PDL", "yes")
+    with pytest.raises(ValueError, match="FASTDLLM_PDL='yes'"):
+        pdl_enabled(torch.device(DEVICE))
 
 
 def _decode_layer(x, p, caches, meta):
@@ -48,7 +54,8 @@ def _decode_layer(x, p, caches, meta):
 
 @pytest.mark.skipif(not HOPPER, reason="programmatic dependent launch needs a CUDA GPU of compute capability "
                                        "9.0+ (runs in the device session)")
-def test_pdl_chain_in_a_cuda_graph_equals_ordinary_launches(monkeypatch):
+@pytest.mark.parametrize("mode", ["1", "exit"])
+def test_pdl_chain_in_a_cuda_graph_equals_ordinary_launches(monkeypatch, mode):
     g = torch.Generator(device=DEVICE).manual_seed(0)
 
     def rnd(*s, scale=0.05):
@@ -80,7 +87,7 @@ def test_pdl_chain_in_a_cuda_graph_equals_ordinary_launches(monkeypatch):
 
     monkeypatch.setenv("FASTDLLM_PDL", "0")
     expected = [three_layers(x, fresh_caches()) for x in xs]
-    monkeypatch.setenv("FASTDLLM_PDL", "1")
+    monkeypatch.setenv("FASTDLLM_PDL", mode)
     assert pdl_enabled(torch.device(DEVICE))
     static_x, caches = xs[0].clone(), fresh_caches()
     three_layers(static_x, caches)                                     # warm-up: compiles, split-K counters
