@@ -80,3 +80,70 @@ def test_prefill_attention_rows_equal_a_per_sequence_loop():
     _prefill_case(torch.float32, 4, 2, 32, lens, starts)
     for n, s in zip(lens, starts):
         _prefill_case(torch.float32, 4, 2, 32, [n], [s])
+
+
+def _fused_rope_case(dtype, hq, hkv, D, kinds, plen_list, plan=None, S=192):
+    """decode_attention with ``fresh`` (RoPE of the window's q/k and its cache writes done in the call) against
+    the definition: rotate q and k (rope_ref), write k/v where rope_write would, then decode_attention_ref.
+    ``kinds``: per row "full" (32 queries, block cache), "sub" (8 queries at a block offset), "commit"."""
+    from fastdllm_kernels.rope.reference import rope_ref, rope_tables
+    n_q = 8 if kinds[0] == "sub" else 32
+    assert all((k == "sub") == (kinds[0] == "sub") for k in kinds), "one launch serves one window size"
+    R = len(kinds)
+    pk, pv, bk, bv = _caches(R + 1, hkv, S, D, dtype)
+    cos_t, sin_t = rope_tables(512, D, 10000.0, dtype, DEVICE)
+    slots = torch.randperm(R + 1, device=DEVICE)[:R]
+    q, k, v = (torch.randn(R * n_q, h, D, device=DEVICE).to(dtype) for h in (hq, hkv, hkv))
+    pos, plens, tails = [], [], []
+    for r, (kind, L) in enumerate(zip(kinds, plen_list)):       # L: the row's block start (a multiple of 32)
+        off = 8 * (r % 4) if kind == "sub" else 0
+        pos.append(torch.arange(L + off, L + off + n_q))
+        plens.append(L + n_q if kind == "commit" else L)
+        tails.append(0 if kind == "commit" else 1)
+    positions = torch.cat(pos).to(DEVICE)
+    args = (slots, torch.tensor(plens, device=DEVICE), torch.tensor(tails, device=DEVICE),
+            torch.arange(R, device=DEVICE) * n_q)
+    caches = [c.clone() for c in (pk, pv, bk, bv)]
+    scale = D ** -0.5
+    tri = decode_attention(q.clone(), *caches, *args, n_q=n_q, scale=scale, plan=plan,
+                           fresh=(k, v, positions, cos_t, sin_t))
+
+    def reference(qq, kk, vv, cs, cos, sin):
+        cs = [c.clone() for c in cs]
+        qr, kr = rope_ref(qq, cos[positions], sin[positions]), rope_ref(kk, cos[positions], sin[positions])
+        for r, kind in enumerate(kinds):
+            s, t = int(slots[r]), slice(r * n_q, (r + 1) * n_q)
+            p = positions[t]
+            if kind == "commit":
+                cs[0][s, :, p], cs[1][s, :, p] = kr[t].transpose(0, 1), vv[t].transpose(0, 1)
+            else:
+                cs[2][s, :, p % 32], cs[3][s, :, p % 32] = kr[t].transpose(0, 1), vv[t].transpose(0, 1)
+        return decode_attention_ref(qr, *cs, *args, n_q, scale), cs
+
+    f32 = lambda t: t.float()  # noqa: E731
+    ref32, caches32 = reference(f32(q), f32(k), f32(v), [f32(c) for c in (pk, pv, bk, bv)], f32(cos_t), f32(sin_t))
+    lowp, caches_lowp = (None, [None] * 4) if dtype == torch.float32 else \
+        reference(q, k, v, (pk, pv, bk, bv), cos_t, sin_t)
+    assert_close_tiered(tri, ref32, lowp, "decode_attention(fresh)")
+    # the caches hold what rope_write writes (the window's rotated k and its v) and are unchanged elsewhere
+    for got, want32, want_lowp in zip(caches, caches32, caches_lowp):
+        assert_close_tiered(got, want32, want_lowp, "caches", fp32_tol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kinds, plens", [
+    (["full", "full", "commit"], [96, 0, 64]),      # 32-query rows: block-cache writes and a prefix-cache commit
+    (["sub", "sub", "sub"], [128, 32, 0]),         # 8-query rows at block offsets 0, 8, 16
+])
+@pytest.mark.parametrize("hq, hkv, D", [(28, 4, 128), (4, 2, 32)])
+def test_decode_attention_with_fresh_window_equals_rope_write_then_attention(dtype, kinds, plens, hq, hkv, D):
+    _fused_rope_case(dtype, hq, hkv, D, kinds, plens)
+
+
+@pytest.mark.parametrize("splits", [1, 5, 24])
+def test_decode_attention_fresh_keys_split_across_programs(splits):
+    # the window's keys fall inside one split, straddle two (key tiles of 16) or get one split each
+    plan = DecodePlan(block_m=16, m_tiles=1, splits=splits, block_n=16)
+    _fused_rope_case(torch.float32, 4, 2, 32, ["sub", "sub"], [96, 160], plan=plan)
+    plan = DecodePlan(block_m=32, m_tiles=2, splits=splits, block_n=16)       # two query tiles: one writes
+    _fused_rope_case(torch.float32, 4, 2, 32, ["full", "commit"], [64, 128], plan=plan)
