@@ -4,10 +4,9 @@ Decode steps (at most ``fastdllm_kernels.linear.configs.FUSED_MAX_TOKENS`` token
 four matmuls per layer go through ``fastdllm_kernels.linear.dispatch.linear``, mostly ``fused_linear`` kernels
 that stream the weight once and carry the layer's other work with them - RMSNorm into the QKV and gate/up
 matmuls, bias into QKV, SwiGLU into gate/up, the residual adds into O and down (per shape, the strategy
-measured fastest on the GPU) - so a layer is QKV, attention, O, gate/up, down: in a decode step the
-attention kernel also applies RoPE to its window's q/k and writes its k/v to the caches; other forwards run a
-RoPE + KV-cache-write kernel, then the decode kernel (full-block, sub-block and commit rows) or the
-block-causal kernel (windows that span blocks). Larger forwards (prefill, scoring) are compute-bound and use cuBLAS with the RMSNorm / SwiGLU kernels
+measured fastest on the GPU) - so a layer is QKV, one RoPE + KV-cache-write kernel, attention (decode kernel
+for full-block, sub-block and commit rows; block-causal kernel for windows that span blocks), O, gate/up,
+down. Larger forwards (prefill, scoring) are compute-bound and use cuBLAS with the RMSNorm / SwiGLU kernels
 and cuBLAS's residual-add epilogue.
 
 Everything ``prepare`` derives from a batch lives on the device and depends on host values only through the
@@ -96,17 +95,8 @@ class TritonOps:
         else:
             pk, pv = caches.prefix_k[layer], caches.prefix_v[layer]
             bk, bv = caches.block_k[layer], caches.block_v[layer]
-        out = torch.empty_like(q)
-        if caches is not None and all(kind == "decode" for kind, *_ in ctx.launch):
-            # a decode step: each attention call also rotates its window's q/k and writes its k/v to the
-            # caches (the RoPE + cache-write kernel's work, one launch less per layer)
-            for _, g, args, n in ctx.launch:
-                sl = slice(g.tok_lo, g.tok_hi)
-                decode_attention(q[sl], pk, pv, bk, bv, *args, n_q=n, scale=scale, out=out[sl],
-                                 num_sms=self._num_sms,
-                                 fresh=(k[sl], v[sl], ctx.positions[sl], ctx.cos_table, ctx.sin_table))
-            return out
         rope_write(q, k, v, ctx.cos_table, ctx.sin_table, ctx.positions, ctx.dest, ctx.slots, pk, pv, bk, bv)
+        out = torch.empty_like(q)
         for kind, g, args, n in ctx.launch:
             sl = slice(g.tok_lo, g.tok_hi)
             if kind == "decode":

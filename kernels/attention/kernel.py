@@ -34,79 +34,17 @@ def _online_softmax_update(b_s, b_v, b_m, b_l, b_acc, DOT_PREC: tl.constexpr):
     return new_m, b_l, b_acc
 
 
-@triton.jit
-def _cache_keys(b_q, p_k, p_v, base, stride_n, j_lo, j_hi, j_off, d, b_m, b_l, b_acc, scale,
-                BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Keys [j_lo, j_hi) read from a cache whose slot for key j is j - j_off. Each K/V load feeds its dot
-    directly, which Triton pipelines (asynchronous copies NUM_STAGES tiles ahead)."""
-    for j0 in range(j_lo, j_hi, BLOCK_N):
-        j = j0 + tl.arange(0, BLOCK_N)
-        ok = j < j_hi
-        off = base + (j - j_off)[:, None] * stride_n + d[None, :]
-        b_k = tl.load(p_k + off, mask=ok[:, None], other=0.0)                              # [BLOCK_N, D]
-        b_v = tl.load(p_v + off, mask=ok[:, None], other=0.0)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * scale                # [BLOCK_M, BLOCK_N]
-        b_s = tl.where(ok[None, :], b_s, float("-inf"))
-        b_m, b_l, b_acc = _online_softmax_update(b_s, b_v, b_m, b_l, b_acc, DOT_PREC)
-    return b_m, b_l, b_acc
-
-
-@triton.jit
-def _rotate(p_x, off_row, p_cos, p_sin, pos, d, mask, D: tl.constexpr):
-    """Rotate-half RoPE of rows ``p_x + off_row + d`` at positions ``pos``, in fp32, rounded once to the
-    input dtype - the arithmetic of ``rope_write``."""
-    half = D // 2
-    rot = tl.where(d < half, d + half, d - half)
-    sign = tl.where(d < half, -1.0, 1.0)
-    b_cos = tl.load(p_cos + pos[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    b_sin = tl.load(p_sin + pos[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    b_x = tl.load(p_x + off_row[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    b_xr = tl.load(p_x + off_row[:, None] + rot[None, :], mask=mask, other=0.0).to(tl.float32)
-    return (b_x * b_cos + sign[None, :] * b_xr * b_sin).to(p_x.dtype.element_ty)
-
-
-@triton.jit
-def _fresh_keys(b_q, p_kn, p_vn, p_cos, p_sin, p_pk, p_pv, p_bk, p_bv, pre_base, tail_base,
-                stride_pn, stride_bn, stride_kt, stride_vt, h, stride_kh, stride_vh, qstart, pos0, L,
-                j_lo, j_hi, d, write, b_m, b_l, b_acc, scale, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                DOT_PREC: tl.constexpr):
-    """The window's own keys [j_lo, j_hi) (key index = absolute position; window token qstart + j - pos0),
-    taken from the projection's k/v: k rotated here, both written to the caches (prefix cache below L,
-    block cache from L on) by the ``write`` programs, and attended like cached keys."""
-    for j0 in range(j_lo, j_hi, BLOCK_N):
-        j = j0 + tl.arange(0, BLOCK_N)
-        ok = j < j_hi
-        t = qstart + j - pos0
-        b_k = _rotate(p_kn, t * stride_kt + h * stride_kh, p_cos, p_sin, j, d, ok[:, None], D)
-        b_v = tl.load(p_vn + (t * stride_vt + h * stride_vh)[:, None] + d[None, :], mask=ok[:, None], other=0.0)
-        if write:
-            to_prefix = (ok & (j < L))[:, None]
-            to_block = (ok & (j >= L))[:, None]
-            off_p = pre_base + j[:, None] * stride_pn + d[None, :]
-            off_b = tail_base + (j - L)[:, None] * stride_bn + d[None, :]
-            tl.store(p_pk + off_p, b_k.to(p_pk.dtype.element_ty), mask=to_prefix)
-            tl.store(p_pv + off_p, b_v.to(p_pv.dtype.element_ty), mask=to_prefix)
-            tl.store(p_bk + off_b, b_k.to(p_bk.dtype.element_ty), mask=to_block)
-            tl.store(p_bv + off_b, b_v.to(p_bv.dtype.element_ty), mask=to_block)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * scale
-        b_s = tl.where(ok[None, :], b_s, float("-inf"))
-        b_m, b_l, b_acc = _online_softmax_update(b_s, b_v, b_m, b_l, b_acc, DOT_PREC)
-    return b_m, b_l, b_acc
-
-
 # tile and split counts change from batch to batch: keep them unspecialised so that a new batch size does not
 # compile a new kernel (Triton otherwise specialises integers equal to 1 or divisible by 16).
 @triton.jit(do_not_specialize=["M_TILES", "SPLITS"])
 def decode_attention_fwd_kernel(
         p_q, p_pk, p_pv, p_bk, p_bv, p_o, p_part_o, p_part_lse,
-        p_slot, p_plen, p_tail, p_qstart, p_kn, p_vn, p_pos, p_cos, p_sin,
+        p_slot, p_plen, p_tail, p_qstart,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_ps, stride_ph, stride_pn, stride_bs, stride_bh, stride_bn,
-        stride_kt, stride_kh, stride_vt, stride_vh,
         scale, M_TILES, SPLITS,
         HKV: tl.constexpr, G: tl.constexpr, NQ: tl.constexpr, D: tl.constexpr, TAIL: tl.constexpr,
-        FRESH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-        PDL: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr):
     pid_rh = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -129,34 +67,33 @@ def decode_attention_fwd_kernel(
     g = m_idx // NQ
     i = m_idx % NQ
     d = tl.arange(0, D)
-    if FRESH:       # q arrives unrotated; the window's keys are [pos0, pos0 + NQ) (key index = position)
-        q_pos = tl.load(p_pos + qstart + i, mask=m_ok, other=0).to(tl.int64)
-        b_q = _rotate(p_q, (qstart + i) * stride_qt + (h * G + g) * stride_qh, p_cos, p_sin, q_pos, d,
-                      m_ok[:, None], D)                                                    # [BLOCK_M, D]
-        f_lo = tl.load(p_pos + qstart).to(tl.int64)
-        f_hi = f_lo + NQ
-    else:
-        off_q = (qstart + i)[:, None] * stride_qt + (h * G + g)[:, None] * stride_qh + d[None, :]
-        b_q = tl.load(p_q + off_q, mask=m_ok[:, None], other=0.0)                      # [BLOCK_M, D]
-        f_lo = K
-        f_hi = K
+    off_q = (qstart + i)[:, None] * stride_qt + (h * G + g)[:, None] * stride_qh + d[None, :]
+    b_q = tl.load(p_q + off_q, mask=m_ok[:, None], other=0.0)                          # [BLOCK_M, D]
     b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_M], tl.float32)
     b_acc = tl.zeros([BLOCK_M, D], tl.float32)
-    # one loop per key source - prefix cache, block cache, the window's own keys, block cache after them - so
-    # that each K/V load feeds its dot directly: one loop summing masked loads from two places was not
-    # pipelined and waited a full memory latency per key tile
-    b_m, b_l, b_acc = _cache_keys(b_q, p_pk, p_pv, pre_base, stride_pn, lo, tl.minimum(tl.minimum(hi, L), f_lo),
-                                  0, d, b_m, b_l, b_acc, scale, BLOCK_N, DOT_PREC)
-    b_m, b_l, b_acc = _cache_keys(b_q, p_bk, p_bv, tail_base, stride_bn, tl.maximum(lo, L), tl.minimum(hi, f_lo),
-                                  L, d, b_m, b_l, b_acc, scale, BLOCK_N, DOT_PREC)
-    if FRESH:
-        b_m, b_l, b_acc = _fresh_keys(b_q, p_kn, p_vn, p_cos, p_sin, p_pk, p_pv, p_bk, p_bv, pre_base, tail_base,
-                                      stride_pn, stride_bn, stride_kt, stride_vt, h, stride_kh, stride_vh, qstart,
-                                      f_lo, L, tl.maximum(lo, f_lo), tl.minimum(hi, f_hi), d, pid_m == 0,
-                                      b_m, b_l, b_acc, scale, D, BLOCK_N, DOT_PREC)
-        b_m, b_l, b_acc = _cache_keys(b_q, p_bk, p_bv, tail_base, stride_bn, tl.maximum(lo, f_hi), hi,
-                                      L, d, b_m, b_l, b_acc, scale, BLOCK_N, DOT_PREC)
+    # two loops, prefix keys then block-cache keys, so that each K/V load feeds its dot directly: Triton
+    # pipelines such loads (asynchronous copies NUM_STAGES tiles ahead); one loop summing a masked prefix
+    # load and a masked tail load was not pipelined and waited a full memory latency per key tile
+    pre_hi = tl.minimum(hi, L)
+    for j0 in range(lo, pre_hi, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        ok = j < pre_hi
+        off = pre_base + j[:, None] * stride_pn + d[None, :]
+        b_k = tl.load(p_pk + off, mask=ok[:, None], other=0.0)                             # [BLOCK_N, D]
+        b_v = tl.load(p_pv + off, mask=ok[:, None], other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * scale                # [BLOCK_M, BLOCK_N]
+        b_s = tl.where(ok[None, :], b_s, float("-inf"))
+        b_m, b_l, b_acc = _online_softmax_update(b_s, b_v, b_m, b_l, b_acc, DOT_PREC)
+    for j0 in range(tl.maximum(lo, L), hi, BLOCK_N):                                  # keys L.. are the block cache
+        j = j0 + tl.arange(0, BLOCK_N)
+        ok = j < hi
+        off = tail_base + (j - L)[:, None] * stride_bn + d[None, :]
+        b_k = tl.load(p_bk + off, mask=ok[:, None], other=0.0)
+        b_v = tl.load(p_bv + off, mask=ok[:, None], other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * scale
+        b_s = tl.where(ok[None, :], b_s, float("-inf"))
+        b_m, b_l, b_acc = _online_softmax_update(b_s, b_v, b_m, b_l, b_acc, DOT_PREC)
     if SPLITS == 1:
         off_o = (qstart + i)[:, None] * stride_ot + (h * G + g)[:, None] * stride_oh + d[None, :]
         tl.store(p_o + off_o, (b_acc / b_l[:, None]).to(p_o.dtype.element_ty), mask=m_ok[:, None])
@@ -242,14 +179,9 @@ def decode_plan(rows: int, kv_heads: int, group: int, n_q: int, max_keys: int, n
 
 
 def decode_attention(q, prefix_k, prefix_v, block_k, block_v, slots, prefix_lens, has_tail, q_starts, n_q: int,
-                     scale: float, out=None, num_sms: int = 132, plan: DecodePlan | None = None, fresh=None):
+                     scale: float, out=None, num_sms: int = 132, plan: DecodePlan | None = None):
     """q [T, Hq, D] packed, row r's n_q queries at q_starts[r]; caches [slots, Hkv, S, D] / [slots, Hkv, bs, D];
-    slots, prefix_lens, has_tail, q_starts: [R] int tensors on q's device. Returns o [T, Hq, D].
-
-    ``fresh = (k, v, positions, cos_table, sin_table)``: the call also does ``rope_write``'s work for the
-    window - q and k [T, H, D] arrive unrotated, the window's keys (its positions: block-cache slots for
-    full/sub rows, prefix-cache slots below ``prefix_lens`` for commit rows) come from k/v, rotated, and are
-    written to the caches - one kernel less per layer. Without it the caches already hold them."""
+    slots, prefix_lens, has_tail, q_starts: [R] int tensors on q's device. Returns o [T, Hq, D]."""
     T, HQ, D = q.shape
     HKV = prefix_k.shape[1]
     R = slots.numel()
@@ -268,20 +200,12 @@ def decode_attention(q, prefix_k, prefix_v, block_k, block_v, slots, prefix_lens
         part_lse = torch.empty(R * HKV * m_tiles * splits * block_m, dtype=torch.float32, device=q.device)
     else:
         part_o = part_lse = out
-    if fresh is not None:
-        k_new, v_new, positions, cos_table, sin_table = fresh
-        assert k_new.shape == (T, HKV, D) and v_new.shape == (T, HKV, D) and positions.shape == (T,)
-        assert k_new.stride(-1) == 1 and v_new.stride(-1) == 1 and cos_table.stride() == (D, 1) == sin_table.stride()
-    else:
-        k_new = v_new = positions = cos_table = sin_table = q        # typed placeholders, never read
     decode_attention_fwd_kernel[(R * HKV, m_tiles, splits)](
         q, prefix_k, prefix_v, block_k, block_v, out, part_o, part_lse, slots, prefix_lens, has_tail, q_starts,
-        k_new, v_new, positions, cos_table, sin_table,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
         block_k.stride(0), block_k.stride(1), block_k.stride(2),
-        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
-        scale, m_tiles, splits, HKV=HKV, G=G, NQ=n_q, D=D, TAIL=TAIL, FRESH=fresh is not None,
+        scale, m_tiles, splits, HKV=HKV, G=G, NQ=n_q, D=D, TAIL=TAIL,
         BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=_dot_precision(q), PDL=pdl,
         num_warps=plan.num_warps, num_stages=plan.num_stages, launch_pdl=pdl > 0)
     if splits > 1:
