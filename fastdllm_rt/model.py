@@ -142,31 +142,55 @@ class FastDLLM(nn.Module):
         # each token's place in its block: where the reuse cache keeps its layer outputs (computed once, not
         # once per layer - every op here is a kernel in a decode step's graph)
         offsets = batch.positions % self.config.bd_size if reuse is not None else None
+        # In "output" mode a skipped layer's output is its cached output whatever its input, so along a run of
+        # skipped layers only the last one's cache is read: ``pending`` names it until the skipping rows'
+        # values are next needed (a computing layer, or the logits); the other skipped layers launch nothing.
+        defer = reuse is not None and reuse.policy.mode == "output"
+        pending = None
         for layer in self.layers:
             idx = layer.index
             skipping = reuse is not None and n_compute < T and reuse.skips(idx)
             if not skipping:
+                if pending is not None:
+                    x = self._take_replay(x, reuse, pending, batch, offsets, n_compute)
+                    pending = None
                 x_out = layer(x, self._attend_fn(ctx_all, caches, idx), self.ops)
                 self.layer_rows_computed[idx] += rows_all
             else:
-                replayed = reuse.replay(idx, x[n_compute:], batch.token_slot[n_compute:], offsets[n_compute:])
+                if defer:
+                    pending, replayed = idx, None
+                else:
+                    replayed = reuse.replay(idx, x[n_compute:], batch.token_slot[n_compute:], offsets[n_compute:])
                 if n_compute:
                     if ctx_compute is None:
                         ctx_compute = self.ops.prepare(self, batch, compute_groups, n_compute)
-                    x_out = torch.empty_like(x)
+                    x_out = torch.empty_like(x)       # deferred: the skipping rows are set before any read
                     x_out[:n_compute] = layer(x[:n_compute], self._attend_fn(ctx_compute, caches, idx), self.ops)
-                    x_out[n_compute:] = replayed
+                    if replayed is not None:
+                        x_out[n_compute:] = replayed
                     self.layer_rows_computed[idx] += rows_compute
                 else:
-                    x_out = replayed.to(x.dtype)       # every row skips: the gather is the layer's output
+                    # every row skips: the gather is the layer's output (deferred: x stands in until then)
+                    x_out = x if replayed is None else replayed.to(x.dtype)
                 self.layer_rows_skipped[idx] += rows_all - rows_compute
             if reuse is not None and batch.reuse_lo < n_compute:
                 lo, hi = batch.reuse_lo, n_compute
                 reuse.record(idx, x[lo:hi], x_out[lo:hi], batch.token_slot[lo:hi], offsets[lo:hi])
             x = x_out
+        if pending is not None:
+            x = self._take_replay(x, reuse, pending, batch, offsets, n_compute)
         if batch.logits_index.numel() == 0:
             return x.new_empty(0, self.config.vocab_size, dtype=torch.float32)
         return self.logits(x[batch.logits_index])
+
+    @staticmethod
+    def _take_replay(x, reuse, layer: int, batch, offsets, n_compute: int):
+        """x with the skipping rows (from ``n_compute`` on) set to skipped ``layer``'s cached output."""
+        cached = reuse.replay(layer, x[n_compute:], batch.token_slot[n_compute:], offsets[n_compute:])
+        if n_compute == 0:
+            return cached.to(x.dtype)
+        x[n_compute:] = cached                 # x is the partial forward's own output tensor
+        return x
 
     def _attend_fn(self, ctx, caches, layer: int):
         scale = self.layers[layer].self_attn.scale

@@ -95,6 +95,22 @@ def test_a_skipped_layer_is_never_entered(rt):
     assert st.computed_layer_evaluations + st.skipped_layer_evaluations == 28 * forwards
 
 
+@pytest.mark.parametrize("mode, reads_per_skip_forward", [("output", 2), ("delta", 6)])
+def test_a_run_of_skipped_layers_reads_the_reuse_cache_once_in_output_mode(rt, monkeypatch, mode,
+                                                                          reads_per_skip_forward):
+    """Layers 1-3 and 6-8 skipped: in output mode only the last layer of each run is read (its cached output is
+    the run's output, whatever the input), in delta mode every skipped layer adds its cached difference."""
+    from fastdllm_rt.reuse import ReuseRuntime
+    reads = []
+    real = ReuseRuntime.replay
+    monkeypatch.setattr(ReuseRuntime, "replay", lambda self, layer, *a: reads.append(layer) or real(self, layer, *a))
+    out = rt.generate(PROMPTS[:1], max_new_tokens=70, reuse=ReusePolicy("1-3,6-8", k=2, mode=mode))
+    skip_forwards = out.stats.layers_skipped[1]                 # batch 1: one row skips per skipping forward
+    assert skip_forwards > 0
+    assert len(reads) == reads_per_skip_forward * skip_forwards
+    assert set(reads) == ({3, 8} if mode == "output" else {1, 2, 3, 6, 7, 8})
+
+
 @pytest.mark.parametrize("policy, use_block_cache, words", [
     (lambda: ReusePolicy("inner", k=2), True, "not understood"),
     (lambda: ReusePolicy("3-40", k=2), True, "do not exist"),

@@ -76,7 +76,9 @@ def test_scores_and_reuse_match_the_torch_backend(pair):
     for kw in (dict(scoring="first_token"), dict(use_block_cache=False), dict(reuse=ReusePolicy("1", k=2))):
         a, b = ref.score(reqs, **kw), tri.score(reqs, **kw)
         assert b.loglikelihoods == pytest.approx(a.loglikelihoods, rel=1e-4, abs=1e-4)
-    pol = ReusePolicy("1", k=2, mode="delta")
-    a = ref.generate([r[0] for r in reqs], max_new_tokens=NEW, reuse=pol, early_exit=INTERP)
-    b = tri.generate([r[0] for r in reqs], max_new_tokens=NEW, reuse=pol, early_exit=INTERP)
-    assert a.tokens == b.tokens and a.stats.layers_skipped == b.stats.layers_skipped
+    # delta mode, and output mode over a run of two skipped layers (only the run's last layer's cache is read)
+    for pol in (ReusePolicy("1", k=2, mode="delta"), ReusePolicy("0-1" if INTERP else "1-2", k=2, mode="output")):
+        a = ref.generate([r[0] for r in reqs], max_new_tokens=NEW, reuse=pol, early_exit=INTERP)
+        b = tri.generate([r[0] for r in reqs], max_new_tokens=NEW, reuse=pol, early_exit=INTERP)
+        assert a.tokens == b.tokens and a.stats.layers_skipped == b.stats.layers_skipped
+        assert sum(b.stats.layers_skipped) > 0
