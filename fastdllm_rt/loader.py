@@ -40,11 +40,28 @@ def pick_dtype(dtype, device: torch.device) -> torch.dtype:
         raise ConfigError(f"dtype {dtype!r} is not supported; choose bf16, fp16 or fp32") from None
 
 
-def pick_backend(backend, device: torch.device) -> str:
+def triton_unsupported(config: ModelConfig) -> str | None:
+    """Why the Triton kernels cannot run this model's shapes, or None. Their matmuls (``tl.dot``) contract
+    over at least 16 elements, and the attention kernels take a power-of-two head dimension."""
+    hd = config.head_dim
+    if hd < 16 or hd & (hd - 1):
+        return f"head_dim {hd} (the Triton kernels need a power of two >= 16)"
+    if min(config.hidden_size, config.intermediate_size) < 16:
+        return f"hidden_size {config.hidden_size} / intermediate_size {config.intermediate_size} (the Triton " \
+               f"kernels need >= 16)"
+    return None
+
+
+def pick_backend(backend, device: torch.device, config: ModelConfig | None = None) -> str:
+    """The caller's backend, else ``triton`` on a GPU when the kernels support the model's shapes (``torch``
+    otherwise: a tiny test model's 8-wide heads run there, not as a Triton compile error)."""
+    reason = triton_unsupported(config) if config is not None else None
     if backend is None or backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        return "triton" if device.type == "cuda" and reason is None else "torch"
     if backend not in BACKENDS:
         raise ConfigError(f"backend {backend!r} is unknown; choose one of {BACKENDS}")
+    if backend == "triton" and reason is not None:
+        raise ConfigError(f"backend='triton' cannot run this model: {reason}; use backend='torch'")
     return backend
 
 
@@ -68,7 +85,7 @@ def load(model, *, dtype=None, device=None, backend=None, mask_token_id=None, st
     token_ids = resolve_token_ids(config, tokenizer, mask=mask_token_id, stop=stop_token_id, pad=pad_token_id)
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
-    backend = pick_backend(backend, device)
+    backend = pick_backend(backend, device, config)
     net = build_model(config, backend, device)
     load_into(net, folder, dtype, device)
     net.eval()
@@ -86,7 +103,7 @@ def from_state_dict(config, state_dict, *, tokenizer=None, dtype=None, device=No
     token_ids = resolve_token_ids(config, tokenizer, mask=mask_token_id, stop=stop_token_id, pad=pad_token_id)
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
-    backend = pick_backend(backend, device)
+    backend = pick_backend(backend, device, config)
     net = build_model(config, backend, device)
     load_state_dict_into(net, state_dict, dtype, device)
     net.eval()

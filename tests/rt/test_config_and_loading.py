@@ -71,7 +71,7 @@ def test_missing_config_field_is_named():
 @pytest.mark.parametrize("tied", [False, True])
 def test_tiny_checkpoint_in_released_layout_loads(tmp_path, tied):
     folder = make_checkpoint(str(tmp_path / "ck"), tied=tied)
-    rt = fastdllm_rt.load(folder, **TINY_IDS)
+    rt = fastdllm_rt.load(folder, device="cpu", **TINY_IDS)       # on CPU: fp32 and the torch backend by default
     assert (rt.model.lm_head is None) == tied
     assert rt.dtype == torch.float32 and rt.device.type == "cpu" and rt.backend == "torch"
     sd = random_state_dict(tiny_config(tied=tied))
@@ -197,6 +197,24 @@ def test_dtype_is_chosen_by_device_unless_given():
     assert pick_dtype("bf16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(ConfigError, match="dtype 'int8'"):
         pick_dtype("int8", torch.device("cpu"))
+
+
+def test_backend_follows_the_device_and_what_the_kernels_support(tiny28):
+    import dataclasses
+
+    from fastdllm_rt.config import ModelConfig
+    from fastdllm_rt.loader import pick_backend
+    narrow = ModelConfig.from_file(tiny28)                 # 8-wide heads: below tl.dot's 16
+    wide = dataclasses.replace(narrow, hidden_size=64, head_dim=16)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert pick_backend(None, cpu, wide) == "torch"
+    assert pick_backend("auto", cuda, wide) == "triton"
+    assert pick_backend("auto", cuda, narrow) == "torch"     # runs, rather than failing in a Triton compile
+    assert pick_backend("torch", cuda, narrow) == "torch"
+    with pytest.raises(ConfigError, match="head_dim 8 .*power of two >= 16.*use backend='torch'"):
+        pick_backend("triton", cuda, narrow)
+    with pytest.raises(ConfigError, match="head_dim 24"):
+        pick_backend("triton", cuda, dataclasses.replace(wide, head_dim=24))
 
 
 def test_loading_in_bf16_keeps_the_checkpoint_values(tiny_untied):
