@@ -23,7 +23,10 @@ graph the gap between two dependent kernels is already 0.93 us and PDL makes it 
 steps got 0-9 % *slower* with it (7B full-block 7.35 against 6.86 ms; 1.5B 2.65 against 2.53) - programs
 launched early are placed on whichever SMs have room while the previous kernel still runs, and a
 weight-streaming kernel needs its programs spread over every SM. Prefetching the next kernel's weights (bulk
-L2 prefetch before the wait), and the attention's K/V, made things slower again (runs 21); not kept.
+L2 prefetch before the wait), and the attention's K/V, made things slower again (runs 21); not kept. Run 38
+confirmed the cause: with the trigger at exit, steps take what ordinary launches take (7B full-block replay
+6.33 against 6.29 ms; with the trigger after the wait 6.84) - and gain nothing, since a cuBLAS kernel sits on
+one side of many of a step's kernel boundaries.
 """
 from __future__ import annotations
 
