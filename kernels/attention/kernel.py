@@ -34,6 +34,22 @@ def _online_softmax_update(b_s, b_v, b_m, b_l, b_acc, DOT_PREC: tl.constexpr):
     return new_m, b_l, b_acc
 
 
+@triton.jit
+def _attend_keys(b_q, p_k, p_v, base, stride_n, j_lo, j_hi, j_off, d, b_m, b_l, b_acc, scale,
+                 BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Fold keys [j_lo, j_hi) of one cache (key j at cache row j - j_off) into the running softmax."""
+    for j0 in range(j_lo, j_hi, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        ok = j < j_hi
+        off = base + (j - j_off)[:, None] * stride_n + d[None, :]
+        b_k = tl.load(p_k + off, mask=ok[:, None], other=0.0)                              # [BLOCK_N, D]
+        b_v = tl.load(p_v + off, mask=ok[:, None], other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * scale                # [BLOCK_M, BLOCK_N]
+        b_s = tl.where(ok[None, :], b_s, float("-inf"))
+        b_m, b_l, b_acc = _online_softmax_update(b_s, b_v, b_m, b_l, b_acc, DOT_PREC)
+    return b_m, b_l, b_acc
+
+
 # tile and split counts change from batch to batch: keep them unspecialised so that a new batch size does not
 # compile a new kernel (Triton otherwise specialises integers equal to 1 or divisible by 16).
 @triton.jit(do_not_specialize=["M_TILES", "SPLITS"])
@@ -75,25 +91,10 @@ def decode_attention_fwd_kernel(
     # two loops, prefix keys then block-cache keys, so that each K/V load feeds its dot directly: Triton
     # pipelines such loads (asynchronous copies NUM_STAGES tiles ahead); one loop summing a masked prefix
     # load and a masked tail load was not pipelined and waited a full memory latency per key tile
-    pre_hi = tl.minimum(hi, L)
-    for j0 in range(lo, pre_hi, BLOCK_N):
-        j = j0 + tl.arange(0, BLOCK_N)
-        ok = j < pre_hi
-        off = pre_base + j[:, None] * stride_pn + d[None, :]
-        b_k = tl.load(p_pk + off, mask=ok[:, None], other=0.0)                             # [BLOCK_N, D]
-        b_v = tl.load(p_pv + off, mask=ok[:, None], other=0.0)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * scale                # [BLOCK_M, BLOCK_N]
-        b_s = tl.where(ok[None, :], b_s, float("-inf"))
-        b_m, b_l, b_acc = _online_softmax_update(b_s, b_v, b_m, b_l, b_acc, DOT_PREC)
-    for j0 in range(tl.maximum(lo, L), hi, BLOCK_N):                                  # keys L.. are the block cache
-        j = j0 + tl.arange(0, BLOCK_N)
-        ok = j < hi
-        off = tail_base + (j - L)[:, None] * stride_bn + d[None, :]
-        b_k = tl.load(p_bk + off, mask=ok[:, None], other=0.0)
-        b_v = tl.load(p_bv + off, mask=ok[:, None], other=0.0)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * scale
-        b_s = tl.where(ok[None, :], b_s, float("-inf"))
-        b_m, b_l, b_acc = _online_softmax_update(b_s, b_v, b_m, b_l, b_acc, DOT_PREC)
+    b_m, b_l, b_acc = _attend_keys(b_q, p_pk, p_pv, pre_base, stride_pn, lo, tl.minimum(hi, L), 0, d,
+                                   b_m, b_l, b_acc, scale, BLOCK_N, DOT_PREC)
+    b_m, b_l, b_acc = _attend_keys(b_q, p_bk, p_bv, tail_base, stride_bn, tl.maximum(lo, L), hi, L, d,
+                                   b_m, b_l, b_acc, scale, BLOCK_N, DOT_PREC)             # keys L.. : block cache
     if SPLITS == 1:
         off_o = (qstart + i)[:, None] * stride_ot + (h * G + g)[:, None] * stride_oh + d[None, :]
         tl.store(p_o + off_o, (b_acc / b_l[:, None]).to(p_o.dtype.element_ty), mask=m_ok[:, None])
