@@ -7,11 +7,9 @@ splits; the whole call as a CUDA graph of 20 calls beside them.
 import argparse
 import dataclasses
 
-from common import decode_attention_inputs, graph_time, kernel_times_us, record
+from common import ATTENTION_HEADS, decode_attention_inputs, graph_time, kernel_times_us, record
 
 from fastdllm_kernels.attention.kernel import decode_attention, decode_plan
-
-HEADS = {"7B": (28, 4), "1.5B": (12, 2)}
 
 
 def main():
@@ -19,7 +17,7 @@ def main():
     ap.add_argument("--prefixes", default="2048,8192")
     args = ap.parse_args()
     command = f"python bench/attention_kernels.py --prefixes {args.prefixes}"
-    for model, (hq, hkv) in HEADS.items():
+    for model, (hq, hkv) in ATTENTION_HEADS.items():
         for prefix in (int(p) for p in args.prefixes.split(",")):
             for n in (32, 8):
                 q, pk, pv, bk, bv, meta = decode_attention_inputs(hq, hkv, prefix, n)

@@ -13,12 +13,11 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import DEVICE, copy_bandwidth_gbs, cuda_time, decode_attention_inputs, graph_time, record, with_pdl
+from common import (ATTENTION_HEADS, DEVICE, copy_bandwidth_gbs, cuda_time, decode_attention_inputs, graph_time,
+                    record, with_pdl)
 
 from fastdllm_kernels.attention.kernel import decode_attention
 from fastdllm_kernels.attention.reference import decode_attention_ref
-
-HEADS = {"7B": (28, 4), "1.5B": (12, 2)}
 
 
 def main():
@@ -37,7 +36,7 @@ def main():
         except Exception as e:  # noqa: BLE001
             print(f"flex attention unavailable: {e}")
     table = []
-    for model, (hq, hkv) in HEADS.items():
+    for model, (hq, hkv) in ATTENTION_HEADS.items():
         for L in [int(x) for x in args.prefixes.split(",")]:
             for n in (32, 8):
                 q, pk, pv, bk, bv, meta = decode_attention_inputs(hq, hkv, L, n, D, dt)

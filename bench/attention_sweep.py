@@ -11,11 +11,9 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from common import DEVICE, copy_bandwidth_gbs, decode_attention_inputs, graph_time, record
+from common import ATTENTION_HEADS, DEVICE, copy_bandwidth_gbs, decode_attention_inputs, graph_time, record
 
 from fastdllm_kernels.attention.kernel import DecodePlan, decode_attention, decode_plan
-
-HEADS = {"7B": (28, 4), "1.5B": (12, 2)}
 
 
 def main():
@@ -27,7 +25,7 @@ def main():
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     D, dt = 128, torch.bfloat16
     rows = []
-    for model, (hq, hkv) in HEADS.items():
+    for model, (hq, hkv) in ATTENTION_HEADS.items():
         G = hq // hkv
         for L, n in itertools.product((int(x) for x in args.prefixes.split(",")), (32, 8)):
             q, pk, pv, bk, bv, meta = decode_attention_inputs(hq, hkv, L, n, D, dt)

@@ -21,6 +21,11 @@ SHAPES = {"7B": RELEASED_7B_FIELDS, "1.5B": RELEASED_1_5B_FIELDS,
           # for smoke-testing the scripts on a CPU
           "tiny": dict(RELEASED_1_5B_FIELDS, hidden_size=256, intermediate_size=512, num_attention_heads=2,
                        num_key_value_heads=1, vocab_size=151936, num_hidden_layers=28)}
+# the released checkpoints' mask / stop / pad token ids (random weights have no tokenizer to read them from)
+RELEASED_IDS = dict(mask_token_id=151665, stop_token_id=151645, pad_token_id=151643)
+# (query heads, KV heads) of the released models' attention
+ATTENTION_HEADS = {name: (SHAPES[name]["num_attention_heads"], SHAPES[name]["num_key_value_heads"])
+                   for name in ("7B", "1.5B")}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RESULTS = os.environ.get("FASTDLLM_BENCH_OUT", os.path.join(os.path.dirname(__file__), "results"))
 

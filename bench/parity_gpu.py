@@ -9,7 +9,7 @@ import gc
 
 import torch
 
-from common import DEVICE, SHAPES, hf_model, random_state_dict, record, block_causal_additive
+from common import DEVICE, RELEASED_IDS, SHAPES, hf_model, random_state_dict, record, block_causal_additive
 
 import fastdllm_rt
 from fastdllm_rt.batch import Kind, RowRequest, build_batch
@@ -47,7 +47,7 @@ def main():
         hf_plain = hf(input_ids=ids_t, attention_mask=block_causal_additive(n, n)).logits[0, -32:].float()
     del hf
     gc.collect()
-    kw = dict(mask_token_id=151665, stop_token_id=151645, pad_token_id=151643)
+    kw = RELEASED_IDS
     ref = fastdllm_rt.from_state_dict(fields, sd, dtype="fp32", backend="torch", **kw)
     with torch.inference_mode():
         ref_plain, ref_full = ours_logits(ref, ids, args.prefix)

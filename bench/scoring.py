@@ -16,11 +16,11 @@ import time
 
 import torch
 
-from common import DEVICE, sync, SHAPES, block_causal_additive, hf_model, matmul_tflops, random_state_dict, record
+from common import (DEVICE, RELEASED_IDS, SHAPES, block_causal_additive, hf_model, matmul_tflops, random_state_dict,
+                    record, sync)
 
 import fastdllm_rt
 
-IDS = dict(mask_token_id=151665, stop_token_id=151645, pad_token_id=151643)
 
 
 def workload(n, seed=0):
@@ -88,7 +88,7 @@ def main():
             del model
             gc.collect()
             torch.cuda.empty_cache()
-        rt = fastdllm_rt.from_state_dict(fields, sd, dtype="bf16", backend=args.backend, **IDS)
+        rt = fastdllm_rt.from_state_dict(fields, sd, dtype="bf16", backend=args.backend, **RELEASED_IDS)
         del sd                                                          # the runtime holds its own copy
         gc.collect()
         torch.cuda.empty_cache()
@@ -110,7 +110,8 @@ def main():
         torch.cuda.empty_cache()
         # the bf16 tier (STYLE.md): batched bf16 scores against an fp32 reference, no worse than twice the
         # unbatched bf16 scores' error (or relative RMS < 5e-3)
-        rt32 = fastdllm_rt.from_state_dict(fields, random_state_dict(fields), dtype="fp32", backend="torch", **IDS)
+        rt32 = fastdllm_rt.from_state_dict(fields, random_state_dict(fields), dtype="fp32", backend="torch",
+                                           **RELEASED_IDS)
         gc.collect()
         torch.cuda.empty_cache()
         for scoring, (dt, res, batched, single) in measured.items():

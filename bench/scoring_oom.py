@@ -10,8 +10,8 @@ import logging
 import torch
 
 import fastdllm_rt
-from common import SHAPES, random_state_dict, record
-from scoring import IDS, requests_of, workload
+from common import RELEASED_IDS, SHAPES, random_state_dict, record
+from scoring import requests_of, workload
 
 
 def main():
@@ -21,7 +21,7 @@ def main():
     ap.add_argument("--headroom-gb", type=float, default=1.5)
     args = ap.parse_args()
     rt = fastdllm_rt.from_state_dict(SHAPES[args.shape], random_state_dict(SHAPES[args.shape]), dtype="bf16",
-                                     backend="triton", **IDS)
+                                     backend="triton", **RELEASED_IDS)
     reqs = requests_of(workload(args.questions))
     want = rt.score(reqs, batch_size=len(reqs))                 # fits without a cap
     rt.release_caches()

@@ -10,8 +10,8 @@ import time
 
 import fastdllm_rt
 from fastdllm_rt import engine as engine_mod
-from common import SHAPES, random_state_dict, record, sync
-from scoring import IDS, requests_of, workload
+from common import RELEASED_IDS, SHAPES, random_state_dict, record, sync
+from scoring import requests_of, workload
 
 
 def main():
@@ -22,7 +22,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     rt = fastdllm_rt.from_state_dict(SHAPES[args.shape], random_state_dict(SHAPES[args.shape]), dtype="bf16",
-                                     backend="triton", **IDS)
+                                     backend="triton", **RELEASED_IDS)
     log = []
     original = engine_mod.Engine._run
 

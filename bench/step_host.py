@@ -10,8 +10,8 @@ import time
 
 import torch
 
-from common import SHAPES, cuda_time, random_state_dict, record
-from steps import IDS, ours_steps
+from common import RELEASED_IDS, SHAPES, cuda_time, random_state_dict, record
+from steps import ours_steps
 
 import fastdllm_rt
 from fastdllm_rt import batch as batch_mod
@@ -24,7 +24,7 @@ def main():
     ap.add_argument("--iters", type=int, default=50)
     args = ap.parse_args()
     rt = fastdllm_rt.from_state_dict(SHAPES[args.shape], random_state_dict(SHAPES[args.shape]), dtype="bf16",
-                                     backend="triton", **IDS)
+                                     backend="triton", **RELEASED_IDS)
     steps, engine = ours_steps(rt, args.prefix)
     runner = engine.graphs
     spans: dict = {}

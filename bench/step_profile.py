@@ -9,7 +9,8 @@ import collections
 
 import torch
 
-from common import SHAPES, copy_bandwidth_gbs, kernel_times_us, random_state_dict, record, step_weight_bytes
+from common import (RELEASED_IDS, SHAPES, copy_bandwidth_gbs, kernel_times_us, random_state_dict, record,
+                    step_weight_bytes)
 
 import fastdllm_rt
 from fastdllm_rt.batch import Kind, RowRequest
@@ -38,8 +39,7 @@ def main():
     sd = random_state_dict(fields)
     step_bytes = step_weight_bytes(sd)
     bw = copy_bandwidth_gbs()
-    rt = fastdllm_rt.from_state_dict(fields, sd, dtype="bf16", backend="triton", mask_token_id=151665,
-                                     stop_token_id=151645, pad_token_id=151643)
+    rt = fastdllm_rt.from_state_dict(fields, sd, dtype="bf16", backend="triton", **RELEASED_IDS)
     del sd
     caches = rt.new_caches(1, args.prefix + 64, None)
     eng = Engine(rt.model, caches, rt.token_ids.mask, use_block_cache=True,

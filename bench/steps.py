@@ -15,15 +15,12 @@ import gc
 
 import torch
 
-from common import (SHAPES, copy_bandwidth_gbs, env, env_info, cuda_time, hf_model, random_state_dict, record,
-                    step_weight_bytes, weight_bytes)
+from common import (RELEASED_IDS, SHAPES, copy_bandwidth_gbs, env, env_info, cuda_time, hf_model, random_state_dict,
+                    record, step_weight_bytes, weight_bytes)
 
 import fastdllm_rt
 from fastdllm_rt import ReusePolicy
 from fastdllm_rt.batch import Kind, RowRequest
-
-IDS = dict(mask_token_id=151665, stop_token_id=151645, pad_token_id=151643)
-
 
 def hf_steps(fields, sd, prefix):
     from transformers import DynamicCache
@@ -83,7 +80,8 @@ def measure_provider(shape, fields, sd, provider, args, floor_ms, step_bytes, co
     if provider == "hf":
         steps, keep = hf_steps(fields, sd, args.prefix)
     else:
-        keep = fastdllm_rt.from_state_dict(fields, sd, dtype="bf16", backend=provider.split("+")[0], **IDS)
+        keep = fastdllm_rt.from_state_dict(fields, sd, dtype="bf16", backend=provider.split("+")[0],
+                                           **RELEASED_IDS)
         steps, engine = ours_steps(keep, args.prefix)
     out = []
     for name, fn in steps.items():

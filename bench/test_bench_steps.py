@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import fastdllm_rt
-from common import SHAPES, copy_bandwidth_gbs, random_state_dict, record, step_weight_bytes
-from steps import IDS, hf_steps, ours_steps
+from common import RELEASED_IDS, SHAPES, copy_bandwidth_gbs, random_state_dict, record, step_weight_bytes
+from steps import hf_steps, ours_steps
 
 PREFIX = 2048
 _cache: dict = {}
@@ -25,7 +25,7 @@ def _steps(shape, provider):
         if provider == "hf":
             steps, keep = hf_steps(SHAPES[shape], sd, PREFIX)
         else:
-            keep = fastdllm_rt.from_state_dict(SHAPES[shape], sd, dtype="bf16", backend="triton", **IDS)
+            keep = fastdllm_rt.from_state_dict(SHAPES[shape], sd, dtype="bf16", backend="triton", **RELEASED_IDS)
             steps, _ = ours_steps(keep, PREFIX)
         _cache[key] = (steps, keep, floor)
     return _cache[key]
