@@ -178,8 +178,9 @@ def matmul_tflops(n: int = 8192) -> float:
     return 2 * n ** 3 / (t / 1e3) / 1e12
 
 
-def random_state_dict(fields: dict, device=DEVICE, dtype=torch.bfloat16, seed: int = 0) -> dict:
-    """Random weights with the released tensor names and shapes (HF-style init: std 0.02, unit norms)."""
+def random_state_dict(fields: dict, device=DEVICE, dtype=torch.bfloat16, seed: int = 0, norm_std: float = 0.0) -> dict:
+    """Random weights with the released tensor names and shapes (HF-style init: std 0.02, unit norms; with
+    ``norm_std`` the RMSNorm gains are 1 + norm_std * N(0, 1), as in a trained checkpoint)."""
     g = torch.Generator(device=device).manual_seed(seed)
     d, f, V = fields["hidden_size"], fields["intermediate_size"], fields["vocab_size"]
     hd = d // fields["num_attention_heads"]
@@ -188,11 +189,13 @@ def random_state_dict(fields: dict, device=DEVICE, dtype=torch.bfloat16, seed: i
     def rnd(*shape, std=0.02):
         return (torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * std).to(dtype)
 
-    sd = {"model.embed_tokens.weight": rnd(V, d), "model.norm.weight": torch.ones(d, device=device, dtype=dtype)}
+    def gain():
+        return (1 + rnd(d, std=norm_std).float()).to(dtype) if norm_std else torch.ones(d, device=device, dtype=dtype)
+
+    sd = {"model.embed_tokens.weight": rnd(V, d), "model.norm.weight": gain()}
     for i in range(fields["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        sd.update({p + "input_layernorm.weight": torch.ones(d, device=device, dtype=dtype),
-                   p + "post_attention_layernorm.weight": torch.ones(d, device=device, dtype=dtype),
+        sd.update({p + "input_layernorm.weight": gain(), p + "post_attention_layernorm.weight": gain(),
                    p + "self_attn.q_proj.weight": rnd(q, d), p + "self_attn.q_proj.bias": rnd(q),
                    p + "self_attn.k_proj.weight": rnd(kv, d), p + "self_attn.k_proj.bias": rnd(kv),
                    p + "self_attn.v_proj.weight": rnd(kv, d), p + "self_attn.v_proj.bias": rnd(kv),

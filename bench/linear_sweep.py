@@ -1,8 +1,9 @@
 """Tune ``fused_linear`` at the decode shapes of the released models on this GPU.
 
-For each model, token count (8 = sub-block step, 32 = full-block / commit step) and projection (QKV with
-RMSNorm + bias, O with residual, gate/up with RMSNorm + SwiGLU, down with residual, LM head with RMSNorm and
-fp32 output), every strategy (``kernels/linear/configs.py``) with every candidate tiling and K split is timed
+For each model, token count (8 = sub-block step, 32 = full-block / commit step) and projection as the triton
+backend runs it (QKV bare - the RoPE kernel applies its input's 1/rms and the bias; O with residual; gate/up
+with the row's 1/rms, its norm gain folded into the weight, + SwiGLU; down with residual; LM head with
+RMSNorm and fp32 output), every strategy (``kernels/linear/configs.py``) with every candidate tiling and K split is timed
 as a CUDA graph of 20 calls (launched as the runtime launches them: ordinary launches unless FASTDLLM_PDL=1).
 The calls cycle through copies of the weight that together exceed the L2 cache
 three times over, so each call reads its weight from HBM as in a real step (a single 33 MB weight would stay
@@ -11,7 +12,7 @@ in the 50 MB L2 and time faster than the HBM floor). The fastest strategy and co
 ``bench/results/linear_sweep.jsonl``, with each strategy's best time, cuBLAS's time for the bare matmul (no
 norm, no epilogue) and the floor (weight bytes at the measured copy bandwidth).
 
-    python bench/linear_sweep.py [--shapes 7B,1.5B] [--tokens 8,32] [--no-write]
+    python bench/linear_sweep.py [--shapes 7B,1.5B] [--tokens 8,32] [--projections qkv,gate_up] [--no-write]
 """
 import argparse
 import json
@@ -34,8 +35,8 @@ def projections(f: dict) -> dict:
     d, inter, V = f["hidden_size"], f["intermediate_size"], f["vocab_size"]
     hd = d // f["num_attention_heads"]
     q, kv = f["num_attention_heads"] * hd, f["num_key_value_heads"] * hd
-    return {"qkv": dict(N=q + 2 * kv, K=d, norm=True, bias=True), "o": dict(N=d, K=q, residual=True),
-            "gate_up": dict(N=inter, K=d, norm=True, swiglu=True), "down": dict(N=d, K=inter, residual=True),
+    return {"qkv": dict(N=q + 2 * kv, K=d), "o": dict(N=d, K=q, residual=True),
+            "gate_up": dict(N=inter, K=d, row_rms=True, swiglu=True), "down": dict(N=d, K=inter, residual=True),
             "head": dict(N=V, K=d, norm=True, fp32=True)}
 
 
@@ -72,9 +73,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="7B,1.5B")
     ap.add_argument("--tokens", default="8,32")
+    ap.add_argument("--projections", default="qkv,o,gate_up,down,head")
     ap.add_argument("--no-write", action="store_true", help="do not update kernels/linear/tuned.json")
     args = ap.parse_args()
-    command = "python bench/linear_sweep.py --shapes {} --tokens {}".format(args.shapes, args.tokens)
+    command = "python bench/linear_sweep.py --shapes {} --tokens {} --projections {}".format(
+        args.shapes, args.tokens, args.projections)
     assert DEVICE == "cuda", "the sweep times kernels on a GPU"
     gpu = torch.cuda.get_device_name()
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -87,6 +90,8 @@ def main():
     for shape in args.shapes.split(","):
         f = SHAPES[shape]
         for name, p in projections(f).items():
+            if name not in args.projections.split(","):
+                continue
             N, K, swiglu = p["N"], p["K"], p.get("swiglu", False)
             rows_w = 2 * N if swiglu else N
             g = torch.Generator(device=DEVICE).manual_seed(0)
@@ -94,8 +99,8 @@ def main():
             kw = {"swiglu": swiglu, "out_dtype": torch.float32 if p.get("fp32") else None}
             if p.get("norm"):
                 kw.update(norm_weight=torch.ones(K, device=DEVICE, dtype=torch.bfloat16), eps=1e-6)
-            if p.get("bias"):
-                kw["bias"] = (torch.randn(rows_w, device=DEVICE, generator=g) * 0.02).to(torch.bfloat16)
+            if p.get("row_rms"):
+                kw.update(row_rms=True, eps=1e-6)
             floor_ms = w.numel() * 2 / (bw * 1e9) * 1e3
             rot = Rotating(w, l2)
             for M in (int(t) for t in args.tokens.split(",")):
@@ -104,7 +109,7 @@ def main():
                 if p.get("residual"):
                     call["residual"] = torch.randn(M, N, device=DEVICE, generator=g).to(torch.bfloat16)
                 cublas = graph_time(lambda: rot(lambda w_: F.linear(x, w_)))["p50_ms"]
-                norm = p.get("norm", False)
+                norm = p.get("norm", False) or p.get("row_rms", False)
                 best = {}                                   # strategy -> (ms, config)
                 tried = 0
                 for strategy in ("fused", "norm_then_fused", "cublas") if norm else ("fused", "cublas"):

@@ -90,6 +90,7 @@ def load(model, *, dtype=None, device=None, backend=None, mask_token_id=None, st
     load_into(net, folder, dtype, device)
     net.eval()
     net.requires_grad_(False)
+    net.ops.adopt(net)                 # the backend's own weight layout (triton: norm gains folded)
     return Runtime(net, tokenizer=tokenizer, token_ids=token_ids, folder=os.path.abspath(folder), backend=backend)
 
 
@@ -108,4 +109,5 @@ def from_state_dict(config, state_dict, *, tokenizer=None, dtype=None, device=No
     load_state_dict_into(net, state_dict, dtype, device)
     net.eval()
     net.requires_grad_(False)
+    net.ops.adopt(net)
     return Runtime(net, tokenizer=tokenizer, token_ids=token_ids, folder="(state dict)", backend=backend)

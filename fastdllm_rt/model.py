@@ -27,6 +27,27 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.gain_folded = False            # set by ``fold_norm_gains``: the gain lives in the next weight
+
+
+@torch.no_grad()
+def fold_norm_gains(model: "FastDLLM") -> None:
+    """Move each decoder layer's two RMSNorm gains into the projection that reads the normalised rows:
+    ``rmsnorm(x; g) @ W.T == (x / rms(x)) @ (W * g).T``. The gains become ones, so every path stays exact
+    (up to the rounding of ``W * g`` to the weight dtype); a backend that knows the gains are folded can then
+    apply the row's ``1 / rms`` wherever it is cheapest - the triton backend does it inside the RoPE and
+    SwiGLU kernels and inside its fused linears, which saves a decode layer its two RMSNorm kernels. The
+    final norm before the LM head is left alone (the tied head is the embedding matrix). An exported
+    state dict of a folded model is the same model with unit gains."""
+    for layer in model.layers:
+        for norm, proj in ((layer.input_layernorm, layer.self_attn.qkv_proj),
+                           (layer.post_attention_layernorm, layer.mlp.gate_up_proj)):
+            if norm.gain_folded:
+                continue
+            w = proj.weight
+            w.copy_((w.float() * norm.weight.float()[None, :]).to(w.dtype))
+            norm.weight.fill_(1.0)
+            norm.gain_folded = True
 
 
 class Attention(nn.Module):
@@ -63,12 +84,13 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, attend, ops):
-        """x: [T, hidden] residual stream in; returns the residual stream out. ``attend(q, k, v)`` applies
-        RoPE, writes this layer's caches and attends; the backend's ``norm_linear`` / ``linear_residual`` /
-        ``norm_swiglu`` decide how much of the norms, bias, activation and residual adds fuse into the matmuls."""
+        """x: [T, hidden] residual stream in; returns the residual stream out. ``attend(qkv)`` applies RoPE,
+        writes this layer's caches and attends; the backend's ``qkv_projection`` / ``linear_residual`` /
+        ``norm_swiglu`` decide how much of the norms, bias, activation and residual adds fuse into the matmuls
+        (``qkv`` is whatever the backend's ``qkv_projection`` returns and its ``attention`` takes)."""
         attn, mlp = self.self_attn, self.mlp
-        qkv = ops.norm_linear(x, self.input_layernorm, attn.qkv_proj.weight, attn.qkv_proj.bias)
-        o = attend(*attn.split_qkv(qkv)).reshape(x.shape[0], -1)
+        qkv = ops.qkv_projection(x, self.input_layernorm, attn.qkv_proj)
+        o = attend(qkv).reshape(x.shape[0], -1)
         x = ops.linear_residual(o, attn.o_proj.weight, x)
         h = ops.norm_swiglu(x, self.post_attention_layernorm, mlp.gate_up_proj.weight)
         return ops.linear_residual(h, mlp.down_proj.weight, x)
@@ -193,8 +215,8 @@ class FastDLLM(nn.Module):
         return x
 
     def _attend_fn(self, ctx, caches, layer: int):
-        scale = self.layers[layer].self_attn.scale
-        return lambda q, k, v: self.ops.attention(q, k, v, ctx, caches, layer, scale)
+        attn = self.layers[layer].self_attn
+        return lambda qkv: self.ops.attention(qkv, attn, ctx, caches, layer)
 
     # ---- dense forward (training, references) ------------------------------------------------------------
     def forward_dense(self, input_ids, positions, allowed, logits_slice=None):

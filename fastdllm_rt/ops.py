@@ -77,6 +77,9 @@ class AttnContext:
 class TorchOps:
     name = "torch"
 
+    def adopt(self, model):
+        """Nothing to prepare: this backend runs the checkpoint's weights as they are."""
+
     def rms_norm(self, x, weight, eps):
         return rms_norm_ref(x, weight, eps)
 
@@ -93,6 +96,9 @@ class TorchOps:
     # the triton backend's fused linears)
     def norm_linear(self, x, norm, weight, bias=None, out_dtype=None):
         return fused_linear_ref(x, weight, norm_weight=norm.weight, eps=norm.eps, bias=bias, out_dtype=out_dtype)
+
+    def qkv_projection(self, x, norm, proj):
+        return self.norm_linear(x, norm, proj.weight, proj.bias)
 
     def linear_residual(self, a, weight, residual):
         return fused_linear_ref(a, weight, residual=residual)
@@ -111,7 +117,9 @@ class TorchOps:
         cache_k[slots, :, index] = k.to(cache_k.dtype)
         cache_v[slots, :, index] = v.to(cache_v.dtype)
 
-    def attention(self, q, k, v, ctx: AttnContext, caches, layer: int, scale: float):
+    def attention(self, qkv, attn, ctx: AttnContext, caches, layer: int):
+        q, k, v = attn.split_qkv(qkv)
+        scale = attn.scale
         q, k = rope_ref(q, ctx.cos, ctx.sin), rope_ref(k, ctx.cos, ctx.sin)
         if ctx.prefix_range:
             lo, hi = ctx.prefix_range

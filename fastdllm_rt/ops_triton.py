@@ -1,18 +1,24 @@
 """The ``triton`` backend: the transformer in Triton kernels (``fastdllm_kernels``).
 
-Decode steps (at most ``fastdllm_kernels.linear.configs.FUSED_MAX_TOKENS`` tokens) are weight-bound: their
-four matmuls per layer go through ``fastdllm_kernels.linear.dispatch.linear``, mostly ``fused_linear`` kernels
-that stream the weight once and carry the layer's other work with them - RMSNorm into the QKV and gate/up
-matmuls, bias into QKV, SwiGLU into gate/up, the residual adds into O and down (per shape, the strategy
-measured fastest on the GPU) - so a layer is QKV, one RoPE + KV-cache-write kernel, attention (decode kernel
-for full-block, sub-block and commit rows; block-causal kernel for windows that span blocks), O, gate/up,
-down. Larger forwards (prefill, scoring) are compute-bound and use cuBLAS with the RMSNorm / SwiGLU kernels
-and cuBLAS's residual-add epilogue.
+``adopt`` folds each layer's RMSNorm gains into the QKV and gate/up weights (``model.fold_norm_gains``), so
+a layer launches no RMSNorm kernel: the QKV projection multiplies the raw residual stream and the RoPE kernel,
+which reads q, k, v anyway, scales each token by its input row's 1/rms and adds the bias; the gate/up
+projection's 1/rms rides in its fused linear (the sum of squares accumulates over the K tiles the dot
+reads) or in the SwiGLU kernel after cuBLAS. Decode steps (at most
+``fastdllm_kernels.linear.configs.FUSED_MAX_TOKENS`` tokens) are weight-bound: their four matmuls per layer
+go through ``fastdllm_kernels.linear.dispatch.linear`` (per shape, the strategy measured fastest on the GPU:
+``fused_linear`` kernels that stream the weight once with SwiGLU and the residual adds in their epilogues,
+or cuBLAS), so a layer is QKV, one RoPE + KV-cache-write kernel, attention (decode kernel for full-block,
+sub-block and commit rows; block-causal kernel for windows that span blocks), O, gate/up (+ SwiGLU), down.
+Larger forwards (prefill, scoring) are compute-bound and use cuBLAS with the same RoPE / SwiGLU kernels and
+cuBLAS's residual-add epilogue.
 
 Everything ``prepare`` derives from a batch lives on the device and depends on host values only through the
 batch's layout, so a forward can be captured in a CUDA graph and replayed with new tokens and lengths.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -25,9 +31,26 @@ from fastdllm_kernels.select.kernel import logit_stats
 from fastdllm_kernels.swiglu.kernel import swiglu
 
 from .batch import Kind
+from .model import fold_norm_gains
 from .ops import AttnContext
 
 _DEST = {Kind.PLAIN: 0, Kind.PREFILL: 1, Kind.COMMIT: 1, Kind.FULL: 2, Kind.SUB: 2}
+
+
+class RawQKV(NamedTuple):
+    """The QKV projection of the un-normalised layer input, before its row scale and bias (``attention``
+    finishes it inside the RoPE kernel)."""
+    raw: torch.Tensor              # [T, (Hq + 2 Hkv) D]
+    norm_input: torch.Tensor       # [T, hidden]: the rows whose 1/rms scales it
+    bias: torch.Tensor | None
+    eps: float
+
+
+def _require_folded(norm):
+    if not norm.gain_folded:
+        raise RuntimeError("the triton backend runs models whose RMSNorm gains are folded into the next "
+                           "projection: call model.ops.adopt(model) after loading the weights "
+                           "(fastdllm_rt.load does)")
 
 
 class TritonOps:
@@ -38,6 +61,9 @@ class TritonOps:
         self._num_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count \
             if torch.cuda.is_available() else 2
         self._dummy = {}
+
+    def adopt(self, model):
+        fold_norm_gains(model)
 
     def rms_norm(self, x, weight, eps):
         return rms_norm(x, weight, eps)
@@ -56,8 +82,13 @@ class TritonOps:
     def linear_residual(self, a, weight, residual):
         return linear(a, weight, residual=residual, num_sms=self._num_sms)
 
+    def qkv_projection(self, x, norm, proj) -> RawQKV:
+        _require_folded(norm)
+        return RawQKV(linear(x, proj.weight, num_sms=self._num_sms), x, proj.bias, norm.eps)
+
     def norm_swiglu(self, x, norm, gate_up_weight):
-        return linear(x, gate_up_weight, norm_weight=norm.weight, eps=norm.eps, swiglu=True, num_sms=self._num_sms)
+        _require_folded(norm)
+        return linear(x, gate_up_weight, row_rms=True, eps=norm.eps, swiglu=True, num_sms=self._num_sms)
 
     def rope(self, q, k, cos, sin):                 # dense (training/reference) path only
         return rope_ref(q, cos, sin), rope_ref(k, cos, sin)
@@ -89,13 +120,16 @@ class TritonOps:
             self._dummy[key] = torch.zeros(1, k.shape[1], 32, k.shape[2], dtype=k.dtype, device=k.device)
         return self._dummy[key]
 
-    def attention(self, q, k, v, ctx: AttnContext, caches, layer: int, scale: float):
+    def attention(self, qkv: RawQKV, attn, ctx: AttnContext, caches, layer: int):
+        q, k, v = attn.split_qkv(qkv.raw)
+        scale = attn.scale
         if caches is None:
             pk = pv = bk = bv = self._dummy_cache(k)
         else:
             pk, pv = caches.prefix_k[layer], caches.prefix_v[layer]
             bk, bv = caches.block_k[layer], caches.block_v[layer]
-        rope_write(q, k, v, ctx.cos_table, ctx.sin_table, ctx.positions, ctx.dest, ctx.slots, pk, pv, bk, bv)
+        rope_write(q, k, v, ctx.cos_table, ctx.sin_table, ctx.positions, ctx.dest, ctx.slots, pk, pv, bk, bv,
+                   norm_input=qkv.norm_input, bias=qkv.bias, eps=qkv.eps)
         out = torch.empty_like(q)
         for kind, g, args, n in ctx.launch:
             sl = slice(g.tok_lo, g.tok_hi)

@@ -5,7 +5,8 @@ Strategies (``dispatch.linear`` carries them out):
 * ``fused`` - one ``fused_linear`` with the RMSNorm in its prologue;
 * ``norm_then_fused`` - the RMSNorm kernel, then ``fused_linear`` for the matmul and epilogue (the prologue
   re-normalises the input tile in every program, which costs more than a launch when M is large);
-* ``cublas`` - the RMSNorm kernel, cuBLAS, and the epilogue as separate kernels.
+* ``cublas`` - the RMSNorm kernel, cuBLAS, and the epilogue as separate kernels; with ``row_rms`` (the gain
+  folded into the weight) and SwiGLU, the row's 1/rms is applied by the SwiGLU kernel instead of a norm kernel.
 
 ``tuned.json`` (written by ``bench/linear_sweep.py`` on a GPU, keyed by the GPU's name, then
 ``"<M bucket>,<output columns>,<K>,<swiglu>"``) holds the fastest measured strategy and configuration;

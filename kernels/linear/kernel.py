@@ -6,7 +6,8 @@ it is another launch. This kernel fuses what surrounds the matmul:
 
 * prologue: RMSNorm of the input. The weight ``gamma`` multiplies the input tile as it is loaded and the
   row's ``1/rms`` scales the accumulator at the end (the sum of squares accumulates over the same K tiles the
-  dot product reads, so the norm costs no extra pass);
+  dot product reads, so the norm costs no extra pass). With ``row_rms`` the gain is already folded into the
+  weight and only the sum of squares rides along;
 * epilogue: bias, SwiGLU (gate and up columns of one tile are two accumulators, so the [M, 2F] activation is
   never written), residual add, and the output dtype (fp32 logits straight from the head).
 
@@ -32,7 +33,7 @@ MAX_TILES = 1 << 16
 
 @triton.jit
 def _partial_tile(p_x, p_w, p_gamma, rm, rn, m_ok, n_ok, k_lo, K, N_HALF, stride_xm, stride_wn,
-                  K_PER_SPLIT, NORM: tl.constexpr, SWIGLU: tl.constexpr, EVEN_K: tl.constexpr,
+                  K_PER_SPLIT, NORM: tl.constexpr, GAMMA: tl.constexpr, SWIGLU: tl.constexpr, EVEN_K: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr):
     """x[rm, k_lo:k_lo+K_PER_SPLIT] @ W[rn, same]^T (and the up rows rn + N_HALF under SWIGLU), with the
     sum of squares of the x rows over the same range."""
@@ -54,6 +55,8 @@ def _partial_tile(p_x, p_w, p_gamma, rm, rn, m_ok, n_ok, k_lo, K, N_HALF, stride
         if NORM:
             xf = x.to(tl.float32)
             ss += tl.sum(xf * xf, axis=1)
+        if GAMMA:
+            xf = x.to(tl.float32)
             if EVEN_K:
                 g = tl.load(p_gamma + k_lo + k0 + rk)
             else:
@@ -78,7 +81,7 @@ def _partial_tile(p_x, p_w, p_gamma, rm, rn, m_ok, n_ok, k_lo, K, N_HALF, stride
 def fused_linear_kernel(
         p_x, p_w, p_out, p_gamma, p_bias, p_res, p_ws, p_ss, p_count,
         M, N, K, stride_xm, stride_wn, stride_om, stride_rm, eps,
-        K_PER_SPLIT, SPLIT_K, NORM: tl.constexpr, BIAS: tl.constexpr,
+        K_PER_SPLIT, SPLIT_K, NORM: tl.constexpr, GAMMA: tl.constexpr, BIAS: tl.constexpr,
         SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
         PDL: tl.constexpr):
@@ -91,7 +94,7 @@ def fused_linear_kernel(
     n_ok = rn < N
     wait_for_producer(PDL)
     acc, acc_u, ss = _partial_tile(p_x, p_w, p_gamma, rm, rn, m_ok, n_ok, pid_k * K_PER_SPLIT, K, N,
-                                   stride_xm, stride_wn, K_PER_SPLIT, NORM, SWIGLU, EVEN_K,
+                                   stride_xm, stride_wn, K_PER_SPLIT, NORM, GAMMA, SWIGLU, EVEN_K,
                                    BLOCK_M, BLOCK_N, BLOCK_K, DOT_PREC)
     if SPLIT_K > 1:
         tile = pid_m * tl.num_programs(0) + pid_n
@@ -160,15 +163,18 @@ def _f32_dummy(device) -> torch.Tensor:
     return _COUNTERS[key]
 
 
-def fused_linear(x, weight, *, norm_weight=None, eps: float = 1e-6, bias=None, swiglu: bool = False,
-                 residual=None, out_dtype=None, config: LinearConfig | None = None, num_sms: int = 132):
+def fused_linear(x, weight, *, norm_weight=None, row_rms: bool = False, eps: float = 1e-6, bias=None,
+                 swiglu: bool = False, residual=None, out_dtype=None, config: LinearConfig | None = None,
+                 num_sms: int = 132):
     """Fused ``[residual +] act(rmsnorm(x) @ weight.T + bias)``; see ``reference.fused_linear_ref``.
+    ``row_rms``: normalise the rows of x without a gain (the gain is folded into ``weight``).
 
     x [M, K] (unit last stride); weight [N, K] contiguous rows (``[2F, K]`` gate then up under ``swiglu``)."""
     M, K = x.shape
     N = weight.shape[0] // (2 if swiglu else 1)
     assert x.stride(-1) == 1 and weight.stride(-1) == 1 and weight.shape[1] == K, (x.shape, weight.shape)
     assert not swiglu or weight.shape[0] % 2 == 0
+    assert not (row_rms and norm_weight is not None), "row_rms means the gain is folded into the weight"
     out = torch.empty(M, N, dtype=out_dtype or x.dtype, device=x.device)
     if M == 0:
         return out
@@ -194,7 +200,8 @@ def fused_linear(x, weight, *, norm_weight=None, eps: float = 1e-6, bias=None, s
         x, weight, out, norm_weight if norm_weight is not None else dummy, bias if bias is not None else dummy,
         residual if residual is not None else dummy, ws, ss, count,
         M, N, K, x.stride(0), weight.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0,
-        eps, K_PER_SPLIT=k_per_split, SPLIT_K=split_k, NORM=norm_weight is not None,
+        eps, K_PER_SPLIT=k_per_split, SPLIT_K=split_k, NORM=norm_weight is not None or row_rms,
+        GAMMA=norm_weight is not None,
         BIAS=bias is not None, SWIGLU=swiglu, RESIDUAL=residual is not None, EVEN_K=even_k,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl,

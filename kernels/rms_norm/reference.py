@@ -2,10 +2,17 @@
 import torch
 
 
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """``weight`` None: no gain (the triton backend folds the gain into the next projection's weight)."""
+    x32 = x.float() * row_rstd_ref(x, eps)[..., None]
+    return x32.to(x.dtype) if weight is None else weight * x32.to(x.dtype)
+
+
+def row_rstd_ref(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / RMS over the last dimension of ``x``, in fp32 (what a consumer of an un-normalised projection
+    scales its rows by when the norm's gain is folded into the projection's weight)."""
     x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
+    return torch.rsqrt(x32.pow(2).mean(-1) + eps)
 
 
 def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):

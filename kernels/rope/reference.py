@@ -19,3 +19,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [T, H, D]; cos, sin: [T, D] in x's dtype."""
     return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+
+
+def finish_projection_ref(y: torch.Tensor, row_scale: torch.Tensor | None, bias: torch.Tensor | None):
+    """y: a raw projection [T, H, D] of an un-normalised input (its RMSNorm gain folded into the weight);
+    row_scale [T] fp32 (``row_rstd_ref`` of the input); bias [H * D]. Returns round(y * row_scale + bias) in
+    y's dtype - the q, k or v the RoPE kernel starts from."""
+    out = y.float()
+    if row_scale is not None:
+        out = out * row_scale[:, None, None]
+    if bias is not None:
+        out = out + bias.float().view(1, *y.shape[1:])
+    return out.to(y.dtype)

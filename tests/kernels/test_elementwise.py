@@ -5,9 +5,9 @@ import torch
 from tests.kernels.conftest import DEVICE, DTYPES, assert_close_tiered
 
 from fastdllm_kernels.rms_norm.kernel import add_rms_norm, rms_norm
-from fastdllm_kernels.rms_norm.reference import add_rms_norm_ref, rms_norm_ref
+from fastdllm_kernels.rms_norm.reference import add_rms_norm_ref, rms_norm_ref, row_rstd_ref
 from fastdllm_kernels.rope.kernel import rope_write
-from fastdllm_kernels.rope.reference import rope_ref, rope_tables
+from fastdllm_kernels.rope.reference import finish_projection_ref, rope_ref, rope_tables
 from fastdllm_kernels.select.kernel import logit_stats
 from fastdllm_kernels.select.reference import logit_stats_ref
 from fastdllm_kernels.swiglu.kernel import swiglu
@@ -30,6 +30,13 @@ def test_rms_norm(dtype, T, D):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_without_gain(dtype):
+    x = torch.randn(9, 1536, device=DEVICE).to(dtype)
+    ref32, lowp = _lowp(lambda a: rms_norm_ref(a, None, 1e-6), dtype, x)
+    assert_close_tiered(rms_norm(x, None, 1e-6), ref32, lowp, "rms_norm (no gain)", fp32_tol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T, D", [(1, 64), (11, 160), (32, 3584)])
 def test_add_rms_norm_returns_norm_and_sum(dtype, T, D):
     x, res = torch.randn(T, D, device=DEVICE).to(dtype), torch.randn(T, D, device=DEVICE).to(dtype)
@@ -47,6 +54,19 @@ def test_swiglu(dtype, T, F):
     gu = torch.randn(T, 2 * F, device=DEVICE).to(dtype)
     ref32, lowp = _lowp(swiglu_ref, dtype, gu)
     assert_close_tiered(swiglu(gu), ref32, lowp, "swiglu", fp32_tol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T, F, D", [(3, 128, 64), (6, 1000, 1536), (32, 4480, 3584)])
+def test_swiglu_scales_rows_by_the_input_rms(dtype, T, F, D):
+    """The gate/up projection of an un-normalised row (gain folded into the weight): each row first scaled
+    by its input row's 1/rms (widths that are not powers of two are masked)."""
+    gu = torch.randn(T, 2 * F, device=DEVICE).to(dtype)
+    x = (3 * torch.randn(T, D, device=DEVICE)).to(dtype)
+    r = row_rstd_ref(x, 1e-6)
+    ref32 = swiglu_ref(gu.float(), r)
+    lowp = None if dtype == torch.float32 else swiglu_ref(gu, r)
+    assert_close_tiered(swiglu(gu, rms_of=x, eps=1e-6), ref32, lowp, "swiglu (row scale)", fp32_tol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -89,3 +109,45 @@ def test_logit_stats(N, V):
     assert torch.equal(idx, ridx)
     torch.testing.assert_close(mx, rmx)
     torch.testing.assert_close(lse, rlse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("HQ, HKV, D, hidden", [(4, 2, 32, 96), (12, 2, 128, 1536)])
+@pytest.mark.parametrize("norm, bias", [(True, True), (True, False), (False, True)])
+def test_rope_write_finishes_a_raw_projection(dtype, HQ, HKV, D, hidden, norm, bias):
+    """q, k, v as the raw QKV projection of the un-normalised input: scaled by the input row's 1/rms, the bias
+    added and rounded (v in place as well), then rotated and written to the caches."""
+    T, S, BS = 7, 64, 32
+    cos, sin = rope_tables(256, D, 1e6, dtype, DEVICE)
+    pos = torch.arange(T, device=DEVICE) + 3
+    qkv = (4 * torch.randn(T, (HQ + 2 * HKV) * D, device=DEVICE)).to(dtype)
+    x = (2 * torch.randn(T, hidden, device=DEVICE)).to(dtype)
+    b = (0.5 * torch.randn((HQ + 2 * HKV) * D, device=DEVICE)).to(dtype) if bias else None
+    q, k, v = (t.reshape(T, -1, D) for t in qkv.split([HQ * D, HKV * D, HKV * D], dim=-1))
+    r = row_rstd_ref(x, 1e-6) if norm else None
+
+    def expected(lowp):
+        cast = (lambda t: t) if lowp else (lambda t: t.float())
+        bq, bk, bv = (None, None, None) if b is None else cast(b).split([HQ * D, HKV * D, HKV * D])
+        fq, fk, fv = (finish_projection_ref(cast(t), r, bb) for t, bb in ((q, bq), (k, bk), (v, bv)))
+        c, s_ = cast(cos)[pos], cast(sin)[pos]
+        return rope_ref(fq, c, s_), rope_ref(fk, c, s_), fv
+
+    q32, k32, v32 = expected(False)
+    ql, kl, vl = expected(True) if dtype != torch.float32 else (None, None, None)
+    dest = torch.tensor([1, 2, 0, 1, 2, 1, 2], device=DEVICE)
+    slots = torch.zeros(T, dtype=torch.long, device=DEVICE)
+    pk = torch.zeros(1, HKV, S, D, device=DEVICE, dtype=dtype)
+    pv, bk, bv = pk.clone(), torch.zeros(1, HKV, BS, D, device=DEVICE, dtype=dtype), None
+    bv = bk.clone()
+    rope_write(q, k, v, cos, sin, pos, dest, slots, pk, pv, bk, bv, norm_input=x if norm else None, bias=b,
+               eps=1e-6)
+    assert_close_tiered(q, q32, ql, "finished q", fp32_tol=1e-5)
+    assert_close_tiered(k, k32, kl, "finished k", fp32_tol=1e-5)
+    assert_close_tiered(v, v32, vl, "finished v", fp32_tol=1e-5)
+    for t in range(T):
+        p = int(pos[t])
+        if int(dest[t]) == 1:
+            assert torch.equal(pk[0, :, p], k[t]) and torch.equal(pv[0, :, p], v[t])
+        elif int(dest[t]) == 2:
+            assert torch.equal(bk[0, :, p % BS], k[t]) and torch.equal(bv[0, :, p % BS], v[t])

@@ -17,6 +17,7 @@ FUSIONS = {
     "norm_bias": dict(norm=True, bias=True),                       # QKV
     "residual": dict(residual=True),                               # O, down
     "norm_swiglu": dict(norm=True, swiglu=True),                   # gate/up
+    "rms_swiglu": dict(row_rms=True, swiglu=True),                 # gate/up, the norm gain folded in
     "norm_fp32_out": dict(norm=True, out_dtype=torch.float32),     # LM head
 }
 
@@ -31,6 +32,8 @@ def _inputs(dtype, M, N, K, fusion):
     if f.get("norm"):
         kw["norm_weight"] = (1 + 0.2 * torch.randn(K, device=DEVICE)).to(dtype)
         kw["eps"] = 1e-6
+    if f.get("row_rms"):
+        kw["row_rms"] = True
     if f.get("bias"):
         kw["bias"] = (0.1 * torch.randn(rows, device=DEVICE)).to(dtype)
     if f.get("residual"):
@@ -102,11 +105,24 @@ def test_tuned_table_sets_strategy_and_config(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("fusion", ["norm_bias", "residual", "norm_swiglu", "norm_fp32_out"])
+@pytest.mark.parametrize("fusion", ["norm_bias", "residual", "norm_swiglu", "rms_swiglu", "norm_fp32_out"])
 def test_every_strategy_computes_the_same_linear(strategy, fusion):
     x, w, kw = _inputs(torch.float32, 8, 48, 128, fusion)
     got = linear(x, w, strategy=strategy, config=LinearConfig(16, 32, 64, 2), **kw)
     torch.testing.assert_close(got, fused_linear_ref(x, w, **kw), rtol=1e-4, atol=1e-4)
+
+
+def test_folded_gain_equals_the_gain_in_the_norm():
+    """rmsnorm(x; g) @ W.T == (x / rms(x)) @ (W * g).T: every strategy's ``row_rms`` path on the folded weight
+    gives the gated linear of the unfolded one (what ``fold_norm_gains`` relies on)."""
+    for M in (8, configs.FUSED_MAX_TOKENS + 16):        # decode sizes, and the compute-bound path above them
+        x, w, kw = _inputs(torch.float32, M, 48, 128, "norm_swiglu")
+        gain = kw.pop("norm_weight")
+        want = fused_linear_ref(x, w, norm_weight=gain, **kw)
+        for strategy in STRATEGIES if M <= configs.FUSED_MAX_TOKENS else (None,):
+            got = linear(x, w * gain[None, :], row_rms=True, strategy=strategy, config=LinearConfig(16, 32, 64, 2),
+                         **kw)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"{strategy} M={M}")
 
 
 def test_unknown_strategy_is_refused():

@@ -3,12 +3,15 @@ run in Triton's interpreter in fp32, which executes every program of every launc
 run keeps to short generations on a 2-layer model; on a GPU the same tests run compiled at full length, and
 tests/gpu adds bf16 at the released shapes."""
 
+import copy
+
 import pytest
 import torch
 
 import fastdllm_rt
 from fastdllm_rt import ReusePolicy
 from fastdllm_rt.batch import Kind, RowRequest, build_batch
+from fastdllm_rt.model import block_causal_allowed, fold_norm_gains
 from tests.helpers.checkpoints import TINY_IDS, make_checkpoint
 
 INTERP = not torch.cuda.is_available()
@@ -82,3 +85,38 @@ def test_scores_and_reuse_match_the_torch_backend(pair):
         b = tri.generate([r[0] for r in reqs], max_new_tokens=NEW, reuse=pol, early_exit=INTERP)
         assert a.tokens == b.tokens and a.stats.layers_skipped == b.stats.layers_skipped
         assert sum(b.stats.layers_skipped) > 0
+
+
+def test_folded_norm_gains_give_the_same_model(pair):
+    """The triton backend folds every layer's RMSNorm gains into its QKV and gate/up weights (adopt): the
+    gains become ones and the weights W * g. Folding the torch backend's model the same way leaves its logits
+    unchanged (fp32, within 1e-4 - the GPU's matmuls sum in another order), so the triton comparisons above
+    test the kernels, not the fold."""
+    ref, tri = pair
+    for a, b in zip(ref.model.layers, tri.model.layers):
+        assert b.input_layernorm.gain_folded and b.post_attention_layernorm.gain_folded
+        assert not a.input_layernorm.gain_folded
+        assert torch.equal(b.input_layernorm.weight, torch.ones_like(b.input_layernorm.weight))
+        torch.testing.assert_close(b.self_attn.qkv_proj.weight,
+                                   a.self_attn.qkv_proj.weight * a.input_layernorm.weight[None, :])
+        torch.testing.assert_close(b.mlp.gate_up_proj.weight,
+                                   a.mlp.gate_up_proj.weight * a.post_attention_layernorm.weight[None, :])
+    folded = copy.deepcopy(ref.model)
+    fold_norm_gains(folded)
+    fold_norm_gains(folded)                                  # a second fold changes nothing
+    ids = torch.randint(0, 500, (1, 40), generator=torch.Generator().manual_seed(3)).to(ref.device)
+    pos = torch.arange(40, device=ref.device)[None]
+    allowed = block_causal_allowed(40, 32, ref.device)[None]
+    torch.testing.assert_close(folded.forward_dense(ids, pos, allowed), ref.model.forward_dense(ids, pos, allowed),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_triton_backend_refuses_unfolded_gains(pair):
+    _, tri = pair
+    norm = tri.model.layers[0].input_layernorm
+    norm.gain_folded = False
+    try:
+        with pytest.raises(RuntimeError, match="folded.*adopt"):
+            tri.generate([[1, 2, 3]], max_new_tokens=2)
+    finally:
+        norm.gain_folded = True
