@@ -50,7 +50,9 @@ def test_plain_forward_matches_transformers_qwen2_with_block_causal_mask(which, 
     ids = torch.randint(0, 500, (77,)).tolist()
     ours = _plain_logits(rt, ids)
     ref = _hf_logits(folder, ids)
-    assert _rel(ours, ref) <= 1e-5, _rel(ours, ref)
+    # two fp32 implementations summing in different orders: STYLE.md's 1e-4 for results with matmuls inside
+    # (another machine's CPU measured 1.05e-5 for the tied model - device run 56, session 7)
+    assert _rel(ours, ref) <= 1e-4, _rel(ours, ref)
 
 
 def test_plain_forward_matches_the_naive_reference(tiny_untied):
