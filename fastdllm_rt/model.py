@@ -35,8 +35,8 @@ def fold_norm_gains(model: "FastDLLM") -> None:
     """Move each decoder layer's two RMSNorm gains into the projection that reads the normalised rows:
     ``rmsnorm(x; g) @ W.T == (x / rms(x)) @ (W * g).T``. The gains become ones, so every path stays exact
     (up to the rounding of ``W * g`` to the weight dtype); a backend that knows the gains are folded can then
-    apply the row's ``1 / rms`` wherever it is cheapest - the triton backend does it inside the RoPE and
-    SwiGLU kernels and inside its fused linears, which saves a decode layer its two RMSNorm kernels. The
+    apply the row's ``1 / rms`` wherever it is cheapest - the triton backend does it inside the RoPE kernel
+    and, per shape, the SwiGLU kernel, which saves a decode layer one or both of its RMSNorm kernels. The
     final norm before the LM head is left alone (the tied head is the embedding matrix). An exported
     state dict of a folded model is the same model with unit gains."""
     for layer in model.layers:

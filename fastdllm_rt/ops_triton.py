@@ -1,10 +1,10 @@
 """The ``triton`` backend: the transformer in Triton kernels (``fastdllm_kernels``).
 
-``adopt`` folds each layer's RMSNorm gains into the QKV and gate/up weights (``model.fold_norm_gains``), so
-a layer launches no RMSNorm kernel: the QKV projection multiplies the raw residual stream and the RoPE kernel,
-which reads q, k, v anyway, scales each token by its input row's 1/rms and adds the bias; the gate/up
-projection's 1/rms rides in its fused linear (the sum of squares accumulates over the K tiles the dot
-reads) or in the SwiGLU kernel after cuBLAS. Decode steps (at most
+``adopt`` folds each layer's RMSNorm gains into the QKV and gate/up weights (``model.fold_norm_gains``): the
+QKV projection then multiplies the raw residual stream and the RoPE kernel, which reads q, k, v anyway,
+scales each token by its input row's 1/rms and adds the bias, so attention needs no RMSNorm kernel; the gate/up
+projection's 1/rms comes from whichever the linear sweep measured fastest for the shape - the SwiGLU kernel
+after cuBLAS, a gain-less norm kernel before the fused linear, or the fused linear's own K loop. Decode steps (at most
 ``fastdllm_kernels.linear.configs.FUSED_MAX_TOKENS`` tokens) are weight-bound: their four matmuls per layer
 go through ``fastdllm_kernels.linear.dispatch.linear`` (per shape, the strategy measured fastest on the GPU:
 ``fused_linear`` kernels that stream the weight once with SwiGLU and the residual adds in their epilogues,
