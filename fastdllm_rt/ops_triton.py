@@ -2,11 +2,12 @@
 
 ``adopt`` folds each layer's RMSNorm gains into the QKV and gate/up weights (``model.fold_norm_gains``): the
 QKV projection then multiplies the raw residual stream and the RoPE kernel, which reads q, k, v anyway,
-scales each token by its input row's 1/rms and adds the bias, so attention needs no RMSNorm kernel; the gate/up
-projection's 1/rms comes from whichever the linear sweep measured fastest for the shape - the SwiGLU kernel
-after cuBLAS, a gain-less norm kernel before the fused linear, or the fused linear's own K loop. Decode steps (at most
-``fastdllm_kernels.linear.configs.FUSED_MAX_TOKENS`` tokens) are weight-bound: their four matmuls per layer
-go through ``fastdllm_kernels.linear.dispatch.linear`` (per shape, the strategy measured fastest on the GPU:
+scales each token by its input row's 1/rms and adds the bias, so attention needs no RMSNorm kernel; the
+gate/up projection's 1/rms comes from whichever the linear sweep measured fastest for the shape - the fused
+linear's own K loop (every decode shape on the H100), a gain-less norm kernel before it, or the SwiGLU kernel
+after cuBLAS. Decode steps (at most ``fastdllm_kernels.linear.configs.FUSED_MAX_TOKENS`` tokens) are
+weight-bound: their four matmuls per layer go through ``fastdllm_kernels.linear.dispatch.linear`` (per shape,
+the strategy measured fastest on the GPU:
 ``fused_linear`` kernels that stream the weight once with SwiGLU and the residual adds in their epilogues,
 or cuBLAS), so a layer is QKV, one RoPE + KV-cache-write kernel, attention (decode kernel for full-block,
 sub-block and commit rows; block-causal kernel for windows that span blocks), O, gate/up (+ SwiGLU), down.

@@ -36,14 +36,14 @@ def _partial_tile(p_x, p_w, p_gamma, rm, rn, m_ok, n_ok, k_lo, K, N_HALF, stride
                   K_PER_SPLIT, NORM: tl.constexpr, GAMMA: tl.constexpr, SWIGLU: tl.constexpr, EVEN_K: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr):
     """x[rm, k_lo:k_lo+K_PER_SPLIT] @ W[rn, same]^T (and the up rows rn + N_HALF under SWIGLU), with the
-    sum of squares of the x rows over the same range."""
+    sum of squares of the x rows over the same range (under NORM; the gain ``gamma`` multiplies each x tile
+    after its squares are taken, under GAMMA)."""
     rk = tl.arange(0, BLOCK_K)
     x_ptrs = p_x + rm[:, None].to(tl.int64) * stride_xm + (k_lo + rk)[None, :]
     w_ptrs = p_w + rn[:, None].to(tl.int64) * stride_wn + (k_lo + rk)[None, :]
     u_ptrs = w_ptrs + N_HALF * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    ss = tl.zeros([BLOCK_M], tl.float32)
     gram = tl.zeros([BLOCK_M, BLOCK_M], tl.float32)
     for k0 in range(0, K_PER_SPLIT, BLOCK_K):
         if EVEN_K:
@@ -53,20 +53,17 @@ def _partial_tile(p_x, p_w, p_gamma, rm, rn, m_ok, n_ok, k_lo, K, N_HALF, stride
             k_ok = (k_lo + k0 + rk) < K
             x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
+        if NORM:
+            # the rows' sums of squares are the diagonal of x @ x.T, on the tensor cores from the tile the dot
+            # reads anyway (summing x * x in registers made the 7B gate/up at 32 tokens 119.7 us against
+            # 104.7 for a norm kernel + this kernel - device run 49; with the Gram tile 103.0, run 57)
+            gram = tl.dot(x, tl.trans(x), gram, input_precision=DOT_PREC)
         if GAMMA:
-            xf = x.to(tl.float32)
-            ss += tl.sum(xf * xf, axis=1)
             if EVEN_K:
                 g = tl.load(p_gamma + k_lo + k0 + rk)
             else:
                 g = tl.load(p_gamma + k_lo + k0 + rk, mask=(k_lo + k0 + rk) < K, other=0.0)
-            x = (xf * g.to(tl.float32)).to(w.dtype)
-        else:
-            if NORM:
-                # gain folded into W: the rows' sums of squares are the diagonal of x @ x.T, computed on the
-                # tensor cores from the tile the dot reads anyway (summing x * x in registers, as the GAMMA
-                # path does, made the 7B gate/up at 32 tokens 119.7 us against 104.7 - device run 49)
-                gram = tl.dot(x, tl.trans(x), gram, input_precision=DOT_PREC)
+            x = (x.to(tl.float32) * g.to(tl.float32)).to(w.dtype)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
         if SWIGLU:
             if EVEN_K:
@@ -77,12 +74,10 @@ def _partial_tile(p_x, p_w, p_gamma, rm, rn, m_ok, n_ok, k_lo, K, N_HALF, stride
             u_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    if GAMMA:
-        pass
-    else:
-        if NORM:
-            i = tl.arange(0, BLOCK_M)
-            ss = tl.sum(tl.where(i[:, None] == i[None, :], gram, 0.0), axis=1)
+    ss = tl.zeros([BLOCK_M], tl.float32)
+    if NORM:
+        i = tl.arange(0, BLOCK_M)
+        ss = tl.sum(tl.where(i[:, None] == i[None, :], gram, 0.0), axis=1)
     return acc, acc_u, ss
 
 

@@ -44,8 +44,7 @@ def rope_write_fwd_kernel(p_q, p_k, p_v, p_cos, p_sin, p_pos, p_dest, p_slot,
                           stride_ps, stride_ph, stride_pn, stride_bs, stride_bh, stride_bn, stride_x, HIDDEN, eps,
                           HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                           BLOCK_H: tl.constexpr, NORM: tl.constexpr, BIAS: tl.constexpr, FINISH: tl.constexpr,
-                          BLOCK_X: tl.constexpr,
-                          PDL: tl.constexpr):
+                          BLOCK_X: tl.constexpr, PDL: tl.constexpr):
     wait_for_producer(PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(p_pos + t).to(tl.int64)
