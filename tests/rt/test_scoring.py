@@ -13,9 +13,7 @@ from tests.helpers.naive import NaiveQwen, brute_force_chain_rule, original_firs
 
 @pytest.fixture(scope="module")
 def pair(tiny28):
-    # the naive reference runs in fp32 on the CPU: so does the runtime here (on a GPU machine the default
-    # would be bf16, outside these tests' 1e-5 tolerance - device run 54 of session 7)
-    return fastdllm_rt.load(tiny28, device="cpu", **TINY_IDS), NaiveQwen(tiny28)
+    return fastdllm_rt.load(tiny28, **TINY_IDS), NaiveQwen(tiny28)
 
 
 def _r(n, seed):
