@@ -3,10 +3,10 @@
 For each model, token count (8 = sub-block step, 32 = full-block / commit step) and projection as the triton
 backend runs it (QKV bare - the RoPE kernel applies its input's 1/rms and the bias; O with residual; gate/up
 with the row's 1/rms, its norm gain folded into the weight, + SwiGLU; down with residual; LM head with
-RMSNorm and fp32 output), every strategy (``kernels/linear/configs.py``) with every candidate tiling and K split
-(and the persistent kernel's grids, pointer or TMA loads) is timed as a CUDA graph of 20 calls (launched as
-the runtime launches them: ordinary launches unless FASTDLLM_PDL=1). The calls cycle through copies of the
-weight that together exceed the L2 cache three times over, so each call reads its weight from HBM as in a real step (a single 33 MB weight would stay
+RMSNorm and fp32 output), every strategy (``kernels/linear/configs.py``) with every candidate tiling and K split is timed
+as a CUDA graph of 20 calls (launched as the runtime launches them: ordinary launches unless FASTDLLM_PDL=1).
+The calls cycle through copies of the weight that together exceed the L2 cache
+three times over, so each call reads its weight from HBM as in a real step (a single 33 MB weight would stay
 in the 50 MB L2 and time faster than the HBM floor). The fastest strategy and configuration go to
 ``kernels/linear/tuned.json`` under this GPU's name (the runtime reads it) and to
 ``bench/results/linear_sweep.jsonl``, with each strategy's best time, cuBLAS's time for the bare matmul (no
@@ -40,7 +40,7 @@ def projections(f: dict) -> dict:
             "head": dict(N=V, K=d, norm=True, fp32=True)}
 
 
-def candidates(M: int, N: int, K: int, swiglu: bool, num_sms: int, per_sm=(1, 2)):
+def candidates(M: int, N: int, K: int, swiglu: bool, num_sms: int):
     bm = m_bucket(M)
     for bn, bk in ((32, 256), (64, 128), (64, 256), (128, 64), (128, 128), (128, 256), (256, 64), (256, 128)):
         stage_bytes = (bn * (2 if swiglu else 1) + bm) * bk * 2
@@ -54,13 +54,6 @@ def candidates(M: int, N: int, K: int, swiglu: bool, num_sms: int, per_sm=(1, 2)
                               or (tiles * split < num_sms // 2 and split < 16)):
                 continue
             yield LinearConfig(bm, bn, bk, split, warps, stages)
-        # the persistent kernel: one or two programs per SM sharing the units evenly, pointer or TMA loads
-        for ps in per_sm:
-            p_stages = min(6, (200 << 10) // ps // stage_bytes)
-            if p_stages < 1:
-                continue
-            for tma in (False, True):
-                yield LinearConfig(bm, bn, bk, 1, warps, p_stages, programs=ps * num_sms, tma=tma)
 
 
 class Rotating:
@@ -76,22 +69,11 @@ class Rotating:
         return fn(self.ws[self.i])
 
 
-def write_table(gpu: str, tuned: dict):
-    table = {**configs.tuned_table(), gpu: dict(sorted(tuned.items()))}
-    with open(configs.TUNED_PATH, "w") as fh:
-        json.dump(table, fh, indent=1, sort_keys=True)
-    configs.tuned_table.cache_clear()
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="7B,1.5B")
     ap.add_argument("--tokens", default="8,32")
     ap.add_argument("--projections", default="qkv,o,gate_up,down,head")
-    ap.add_argument("--persistent-per-sm", default="1,2", help="programs per SM of the persistent candidates")
-    ap.add_argument("--persistent-only", action="store_true",
-                    help="time only the persistent candidates against each shape's tuned entry")
-    ap.add_argument("--no-tma", action="store_true", help="no TMA candidates")
     ap.add_argument("--no-write", action="store_true", help="do not update kernels/linear/tuned.json")
     args = ap.parse_args()
     command = "python bench/linear_sweep.py --shapes {} --tokens {} --projections {}".format(
@@ -129,33 +111,18 @@ def main():
                 cublas = graph_time(lambda: rot(lambda w_: F.linear(x, w_)))["p50_ms"]
                 norm = p.get("norm", False) or p.get("row_rms", False)
                 best = {}                                   # strategy -> (ms, config)
-                by_kernel = {}                              # grid / persistent / persistent_tma -> best ms
                 tried = 0
-                per_sm = [int(v) for v in args.persistent_per_sm.split(",") if v]
-                trials = [(strategy, cfg)
-                          for strategy in (("fused", "norm_then_fused", "cublas") if norm else ("fused", "cublas"))
-                          for cfg in (candidates(M, N, K, swiglu, num_sms, per_sm) if strategy != "cublas" else [None])
-                          if not (cfg is not None and cfg.tma and args.no_tma)]
-                if args.persistent_only:
-                    # the shipped choice (timed again here: the same-run baseline) against the persistent kernel
-                    key = shape_key(M, N, K, swiglu)
-                    shipped = table.get(gpu, {}).get(key)
-                    assert shipped, f"--persistent-only needs a tuned entry for {key}"
-                    trials = [(shipped["strategy"], shipped["config"] and LinearConfig(**shipped["config"]))] + \
-                        [(s, c) for s, c in trials if s == "fused" and c is not None and c.programs]
-                for strategy, cfg in trials:
-                    fn = lambda: rot(lambda w_: linear(x, w_, strategy=strategy, config=cfg, **call))  # noqa: E731
-                    try:
-                        ms = graph_time(fn, reps=20, iters=10)["p50_ms"]
-                    except Exception as e:  # noqa: BLE001 - a tiling this GPU cannot run (shared memory)
-                        print(f"  skip {strategy} {cfg}: {type(e).__name__}")
-                        continue
-                    tried += 1
-                    if cfg is not None:
-                        kind = "grid" if not cfg.programs else "persistent_tma" if cfg.tma else "persistent"
-                        by_kernel[kind] = min(ms, by_kernel.get(kind, float("inf")))
-                    if ms < best.get(strategy, (float("inf"),))[0]:
-                        best[strategy] = (ms, cfg)
+                for strategy in ("fused", "norm_then_fused", "cublas") if norm else ("fused", "cublas"):
+                    for cfg in candidates(M, N, K, swiglu, num_sms) if strategy != "cublas" else [None]:
+                        fn = lambda: rot(lambda w_: linear(x, w_, strategy=strategy, config=cfg, **call))  # noqa: E731
+                        try:
+                            ms = graph_time(fn, reps=20, iters=10)["p50_ms"]
+                        except Exception as e:  # noqa: BLE001 - a tiling this GPU cannot run (shared memory)
+                            print(f"  skip {strategy} {cfg}: {type(e).__name__}")
+                            continue
+                        tried += 1
+                        if ms < best.get(strategy, (float("inf"),))[0]:
+                            best[strategy] = (ms, cfg)
                 strategy = min(best, key=lambda k: best[k][0])
                 best_ms, cfg = best[strategy]
                 got = linear(x, w, strategy=strategy, config=cfg, **call).float()
@@ -164,22 +131,21 @@ def main():
                 rel = float((got - ref).norm() / ref.norm())
                 assert rel < 1e-2, f"{shape} {name} M={M}: relative error {rel:.2e} against fp32"
                 tuned[shape_key(M, N, K, swiglu)] = {"strategy": strategy, "config": cfg and cfg.to_json()}
-                if not args.no_write:
-                    write_table(gpu, tuned)             # after every shape: a sweep cut short keeps its results
                 rows.append(record("linear_sweep", model=shape, projection=name, tokens=M, N=N, K=K,
                                    weight_bytes=w.numel() * 2, ours_ms=best_ms, strategy=strategy,
-                                   strategy_ms={k: v[0] for k, v in best.items()}, kernel_ms=by_kernel,
-                                   cublas_matmul_ms=cublas,
+                                   strategy_ms={k: v[0] for k, v in best.items()}, cublas_matmul_ms=cublas,
                                    floor_ms=floor_ms, ours_TBps=w.numel() * 2 / best_ms / 1e9,
                                    cublas_TBps=w.numel() * 2 / cublas / 1e9, copy_GBps=bw, config=cfg and cfg.to_json(),
                                    candidates=tried, rel_err_vs_fp32=rel, pdl=pdl_enabled(x.device),
                                    command=command))
                 print(f"{shape:4} {name:8} M={M:2d} " + "  ".join(f"{k} {v[0] * 1e3:.1f}" for k, v in best.items())
-                      + "  [" + "  ".join(f"{k} {v * 1e3:.1f}" for k, v in by_kernel.items()) + "]"
                       + f"  cublas-matmul {cublas * 1e3:.1f}  floor {floor_ms * 1e3:.1f} us  {cfg}"
                       f"  ({time.time() - t_start:.0f}s)", flush=True)
     if not args.no_write:
-        write_table(gpu, tuned)
+        table = {**configs.tuned_table(), gpu: dict(sorted(tuned.items()))}
+        with open(configs.TUNED_PATH, "w") as fh:
+            json.dump(table, fh, indent=1, sort_keys=True)
+        configs.tuned_table.cache_clear()
         print(f"wrote {len(tuned)} entries for {gpu} to {configs.TUNED_PATH}")
     print(f"copy bandwidth {bw:.0f} GB/s (read + write)")
     print(f"{'model':5} {'proj':8} {'M':>3} {'ours us':>8} {'strategy':15} {'cuBLAS mm':>9} {'floor us':>8} "

@@ -38,8 +38,6 @@ class LinearConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 4
-    programs: int = 0       # > 0: the persistent kernel with this grid (kernel.py), split_k unused
-    tma: bool = False       # persistent kernel: weight tiles through a tensor descriptor
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -16,26 +16,12 @@ Each split stores its partial tile (and partial sums of squares) to a workspace 
 the split that arrives last sums all partials in split order - deterministic - runs the epilogue, and resets
 the counter to zero, so the next call (or CUDA-graph replay) starts clean without a memset. The counters are
 one buffer per device: calls must not run concurrently on two streams (the runtime issues them on one).
-
-Persistent (``LinearConfig.programs > 0``): a fixed grid - one or two programs per SM - shares the U = tiles x
-K-blocks (tile, K block) units evenly, program p taking units [p U / P, (p + 1) U / P) in one flat loop. With a
-grid of whole tiles every program fills its load pipeline, streams its tile, drains and exits, and the last
-wave of a shape whose tile count is not a multiple of the SM count runs part-empty: the 7B's gate/up and down
-stream at 2.5-2.8 TB/s that way while the LM head - the same program shape, 18 waves deep - reaches 3.0
-(device runs 25, 57). In one flat loop the loads of the next tile are issued while the current one drains, so
-each SM streams from the kernel's start to its end, and every SM reads the same bytes. A tile split between
-programs goes through the split-K workspace-and-counter reduction (its parts summed in program order:
-deterministic). A stream-K kernel whose programs looped tile by tile (an inner K loop per tile, pipelined
-afresh each time) gained nothing in device run 37 (commit c526ebe); the flat loop is the difference. With
-``LinearConfig.tma`` the weight tiles arrive through the Hopper tensor-memory accelerator (a host-side tensor
-descriptor) instead of per-thread loads.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fastdllm_kernels.launch import pdl_mode, wait_for_producer
 
@@ -147,130 +133,6 @@ def fused_linear_kernel(
 
 
 @triton.jit
-def _unit_owner(u, UNITS, PROGRAMS):
-    """The program whose unit range [p U / P, (p + 1) U / P) holds unit ``u``."""
-    return ((u + 1) * PROGRAMS + UNITS - 1) // UNITS - 1
-
-
-@triton.jit(do_not_specialize=["M", "UNITS", "PROGRAMS"])
-def persistent_linear_kernel(
-        p_x, w_src, p_out, p_gamma, p_bias, p_res, p_ws, p_ss, p_count,
-        M, N, K, stride_xm, stride_wn, stride_om, stride_rm, eps,
-        N_TILES, KB, UNITS, PROGRAMS, NORM: tl.constexpr, GAMMA: tl.constexpr, BIAS: tl.constexpr,
-        SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
-        MAX_PARTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        DOT_PREC: tl.constexpr, PDL: tl.constexpr):
-    """Program p runs units [p U / P, (p + 1) U / P) of the U = tiles x KB (tile, K block) units, tile-major,
-    in one loop; a tile ends (epilogue, or its part to the workspace) at its last K block or the range's end."""
-    p = tl.program_id(0)
-    u_lo = p * UNITS // PROGRAMS
-    u_hi = (p + 1) * UNITS // PROGRAMS
-    rk = tl.arange(0, BLOCK_K)
-    tile_elems = BLOCK_M * BLOCK_N * (2 if SWIGLU else 1)
-    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    gram = tl.zeros([BLOCK_M, BLOCK_M], tl.float32)
-    wait_for_producer(PDL)
-    for u in range(u_lo, u_hi):
-        t = u // KB
-        kb = u - t * KB
-        k0 = kb * BLOCK_K
-        n0 = (t % N_TILES) * BLOCK_N
-        rm = (t // N_TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = n0 + tl.arange(0, BLOCK_N)
-        m_ok = rm < M
-        n_ok = rn < N
-        x_ptrs = p_x + rm[:, None].to(tl.int64) * stride_xm + (k0 + rk)[None, :]
-        if EVEN_K:
-            x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
-        else:
-            k_ok = (k0 + rk) < K
-            x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        # the weight: the tensor descriptor zero-fills rows and columns past its shape; pointer loads mask them
-        if TMA:
-            w = w_src.load([n0, k0])
-        else:
-            w_ptrs = w_src + rn[:, None].to(tl.int64) * stride_wn + (k0 + rk)[None, :]
-        if TMA:
-            pass
-        elif EVEN_K:
-            w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0, eviction_policy="evict_first")
-        else:
-            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
-        if NORM:
-            gram = tl.dot(x, tl.trans(x), gram, input_precision=DOT_PREC)   # sums of squares: see _partial_tile
-        if GAMMA:
-            g = tl.load(p_gamma + k0 + rk, mask=(k0 + rk) < K, other=0.0)
-            x = (x.to(tl.float32) * g.to(tl.float32)).to(w.dtype)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
-        if SWIGLU:
-            if TMA:
-                w_u = w_src.load([n0 + N, k0])
-            elif EVEN_K:
-                w_u = tl.load(w_ptrs + N * stride_wn, mask=n_ok[:, None], other=0.0, eviction_policy="evict_first")
-            else:
-                w_u = tl.load(w_ptrs + N * stride_wn, mask=n_ok[:, None] & k_ok[None, :], other=0.0,
-                              eviction_policy="evict_first")
-            acc_u = tl.dot(x, tl.trans(w_u), acc_u, input_precision=DOT_PREC)
-        if (kb == KB - 1) | (u == u_hi - 1):
-            ss = tl.zeros([BLOCK_M], tl.float32)
-            if NORM:
-                i = tl.arange(0, BLOCK_M)
-                ss = tl.sum(tl.where(i[:, None] == i[None, :], gram, 0.0), axis=1)
-            first = _unit_owner(t * KB, UNITS, PROGRAMS)
-            parts = _unit_owner(t * KB + KB - 1, UNITS, PROGRAMS) - first + 1
-            if parts == 1:
-                _epilogue(acc, acc_u, ss, rm, rn, m_ok, n_ok, p_out, p_bias, p_res, K, stride_om, stride_rm, eps,
-                          NORM, BIAS, SWIGLU, RESIDUAL)
-            else:
-                # a part of a shared tile: to the workspace now, reduced after the loop (atomics and the
-                # reduction's loads inside the loop keep Triton from software-pipelining it - checked on the
-                # compiled kernel, bench/RESULTS.md). A program holds at most two shared tiles, its first and its
-                # last: slot 2p, or 2p + 1
-                slot = 2 * p + (t != u_lo // KB).to(tl.int32)
-                tl.store(p_ws + slot.to(tl.int64) * tile_elems + offs, acc)
-                if SWIGLU:
-                    tl.store(p_ws + slot.to(tl.int64) * tile_elems + BLOCK_M * BLOCK_N + offs, acc_u)
-                if NORM:
-                    tl.store(p_ss + slot * BLOCK_M + tl.arange(0, BLOCK_M), ss)
-            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            gram = tl.zeros([BLOCK_M, BLOCK_M], tl.float32)
-    tl.debug_barrier()                               # every thread's parts are written before the releases
-    t_first = u_lo // KB
-    for which in tl.static_range(2):                 # this program's first tile, then its last
-        t = t_first if which == 0 else (u_hi - 1) // KB
-        first = _unit_owner(t * KB, UNITS, PROGRAMS)
-        parts = _unit_owner(t * KB + KB - 1, UNITS, PROGRAMS) - first + 1
-        shared = parts > 1
-        if which == 1:
-            shared = shared & (t != t_first)
-        if shared:
-            arrived = tl.atomic_add(p_count + t, 1, sem="acq_rel")
-            if arrived == parts - 1:                 # the last part to arrive reduces, in program order
-                red = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-                red_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-                ss = tl.zeros([BLOCK_M], tl.float32)
-                for s in tl.static_range(MAX_PARTS):
-                    q = first + s
-                    ok = tl.full([BLOCK_M], s, tl.int32) < parts
-                    q_slot = 2 * q + (t != (q * UNITS // PROGRAMS) // KB).to(tl.int32)
-                    base = p_ws + q_slot.to(tl.int64) * tile_elems + offs
-                    red += tl.load(base, mask=ok[:, None], other=0.0, cache_modifier=".cg")
-                    if SWIGLU:
-                        red_u += tl.load(base + BLOCK_M * BLOCK_N, mask=ok[:, None], other=0.0, cache_modifier=".cg")
-                    if NORM:
-                        ss += tl.load(p_ss + q_slot * BLOCK_M + tl.arange(0, BLOCK_M), mask=ok, other=0.0,
-                                      cache_modifier=".cg")
-                tl.atomic_xchg(p_count + t, 0)
-                rm = (t // N_TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
-                rn = (t % N_TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
-                _epilogue(red, red_u, ss, rm, rn, rm < M, rn < N, p_out, p_bias, p_res, K, stride_om, stride_rm,
-                          eps, NORM, BIAS, SWIGLU, RESIDUAL)
-
-
-@triton.jit
 def _epilogue(acc, acc_u, ss, rm, rn, m_ok, n_ok, p_out, p_bias, p_res, K, stride_om, stride_rm, eps,
               NORM: tl.constexpr, BIAS: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr):
     if NORM:
@@ -324,10 +186,6 @@ def fused_linear(x, weight, *, norm_weight=None, row_rms: bool = False, eps: flo
         return out
     cfg = config or pick_config(M, N, K, swiglu, num_sms, device_name(x.device))
     m_tiles, n_tiles = triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n)
-    if residual is not None:
-        assert residual.shape == (M, N) and residual.stride(-1) == 1, (residual.shape, (M, N))
-    if cfg.programs:
-        return _persistent(x, weight, out, norm_weight, row_rms, eps, bias, swiglu, residual, cfg, m_tiles, n_tiles)
     k_per_split = triton.cdiv(triton.cdiv(K, cfg.split_k), cfg.block_k) * cfg.block_k
     split_k = triton.cdiv(K, k_per_split)
     even_k = K % cfg.block_k == 0 and k_per_split * split_k == K
@@ -342,6 +200,8 @@ def fused_linear(x, weight, *, norm_weight=None, row_rms: bool = False, eps: flo
         ss = torch.empty(tiles * split_k * cfg.block_m, dtype=torch.float32, device=x.device)
     else:
         ws = ss = _f32_dummy(x.device)
+    if residual is not None:
+        assert residual.shape == (M, N) and residual.stride(-1) == 1, (residual.shape, (M, N))
     fused_linear_kernel[(n_tiles, split_k, m_tiles)](
         x, weight, out, norm_weight if norm_weight is not None else dummy, bias if bias is not None else dummy,
         residual if residual is not None else dummy, ws, ss, count,
@@ -350,37 +210,6 @@ def fused_linear(x, weight, *, norm_weight=None, row_rms: bool = False, eps: flo
         GAMMA=norm_weight is not None,
         BIAS=bias is not None, SWIGLU=swiglu, RESIDUAL=residual is not None, EVEN_K=even_k,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl > 0)
-    return out
-
-
-def _persistent(x, weight, out, norm_weight, row_rms, eps, bias, swiglu, residual, cfg, m_tiles, n_tiles):
-    M, K = x.shape
-    N = out.shape[1]
-    tiles, kb = m_tiles * n_tiles, triton.cdiv(K, cfg.block_k)
-    assert tiles <= MAX_TILES, f"fused_linear: {tiles} output tiles exceed {MAX_TILES}"
-    units = tiles * kb
-    programs = min(cfg.programs, units)
-    max_parts = (kb - 1) // (units // programs) + 2          # programs one tile can span, at most
-    tile_elems = cfg.block_m * cfg.block_n * (2 if swiglu else 1)
-    ws = torch.empty(2 * programs * tile_elems, dtype=torch.float32, device=x.device)
-    ss = torch.empty(2 * programs * cfg.block_m, dtype=torch.float32, device=x.device)
-    if cfg.tma:
-        assert (weight.stride(0) * weight.element_size()) % 16 == 0 and weight.data_ptr() % 16 == 0, \
-            "fused_linear: a tensor descriptor needs 16-byte aligned weight rows"
-        w_src = TensorDescriptor.from_tensor(weight, [cfg.block_n, cfg.block_k])
-    else:
-        w_src = weight
-    pdl = pdl_mode(x.device)
-    dummy = out
-    persistent_linear_kernel[(programs,)](
-        x, w_src, out, norm_weight if norm_weight is not None else dummy, bias if bias is not None else dummy,
-        residual if residual is not None else dummy, ws, ss, _counters(x.device),
-        M, N, K, x.stride(0), weight.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0,
-        eps, n_tiles, kb, units, programs, NORM=norm_weight is not None or row_rms, GAMMA=norm_weight is not None,
-        BIAS=bias is not None, SWIGLU=swiglu, RESIDUAL=residual is not None, EVEN_K=K % cfg.block_k == 0,
-        TMA=cfg.tma, MAX_PARTS=max_parts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl > 0)
     return out

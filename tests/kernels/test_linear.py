@@ -68,36 +68,6 @@ def test_fused_linear_split_k_reduces_every_partial_once(fusion, split_k, K):
     assert all(int(c.abs().sum()) == 0 for c in _COUNTERS.values())
 
 
-@pytest.mark.parametrize("tma", [False, True])
-@pytest.mark.parametrize("fusion", list(FUSIONS))
-@pytest.mark.parametrize("programs, M, N, K", [
-    (3, 8, 80, 256),       # 3 column tiles x 4 K blocks over 3 programs: every tile shared by two
-    (7, 40, 48, 200),      # two row tiles, a ragged column tile, a masked K tail; 7 programs over 16 units
-    (5, 1, 96, 512),       # parts of one tile span three programs
-    (64, 8, 48, 128),      # more programs than units: one unit each
-])
-def test_persistent_linear_shares_units_and_reduces_each_tile_once(tma, fusion, programs, M, N, K):
-    if tma and (K * 4) % 16:
-        pytest.skip("a tensor descriptor needs 16-byte aligned rows")
-    cfg = LinearConfig(block_m=16 if M <= 16 else 32, block_n=32, block_k=64, programs=programs, tma=tma)
-    _case(torch.float32, M, N, K, fusion, cfg)
-    assert all(int(c.abs().sum()) == 0 for c in _COUNTERS.values())
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_persistent_linear_low_precision(dtype):
-    _case(dtype, 8, 64, 384, "rms_swiglu", LinearConfig(block_m=16, block_n=32, block_k=128, programs=5, tma=True))
-    _case(dtype, 32, 64, 384, "residual", LinearConfig(block_m=32, block_n=32, block_k=64, programs=9))
-
-
-def test_persistent_linear_is_deterministic():
-    x = torch.randn(8, 512, device=DEVICE)
-    w = torch.randn(64, 512, device=DEVICE)
-    cfg = LinearConfig(block_m=16, block_n=32, block_k=64, programs=6)
-    a = fused_linear(x, w, config=cfg)
-    assert torch.equal(a, fused_linear(x, w, config=cfg))
-
-
 def test_fused_linear_split_k_is_deterministic():
     x = torch.randn(8, 512, device=DEVICE)
     w = torch.randn(64, 512, device=DEVICE)
