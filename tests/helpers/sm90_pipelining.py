@@ -1,0 +1,131 @@
+"""Compile a kernel launch for Hopper (sm_90) on a machine without a GPU and report whether its loops were
+software-pipelined - loads issued as asynchronous copies into shared memory, several iterations ahead.
+
+A weight- or KV-streaming kernel lives on that pipelining: without it each loop iteration waits a memory latency.
+It is lost silently - an atomic or a nested loop inside the loop body, or a load whose address Triton cannot
+follow, makes the compiler leave the loop as it is, and the kernel still computes the right numbers (device runs
+61-63: a persistent linear whose loop held atomics compiled with no asynchronous copy; session 5's one-loop
+decode attention, bench/RESULTS.md). The launch is captured from the kernel's own Python wrapper, called on CPU
+tensors of the real shapes, and compiled with what a GPU launch would specialise: 16-byte aligned pointers,
+integer arguments equal to 1 as constants, multiples of 16 marked so.
+
+Run as a script (``python -m tests.helpers.sm90_pipelining CASE``) with ``TRITON_INTERPRET`` unset - under the
+interpreter ``triton.jit`` builds no compilable kernels; it prints one JSON object per launch of the case.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import torch
+
+_PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",
+        torch.int64: "*i64", torch.bool: "*i1", torch.uint8: "*u8"}
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "launch_pdl", "grid", "warmup")
+
+
+def capture_launches(kernels: list, call) -> list:
+    """Run ``call()`` with each kernel's launch replaced by a recorder; returns (kernel, args, kwargs) per launch."""
+    launches = []
+    for kern in kernels:
+        kern.run = (lambda k: lambda *args, **kwargs: launches.append((k, args, kwargs)))(kern)
+    try:
+        call()
+    finally:
+        for kern in kernels:
+            del kern.run
+    return launches
+
+
+def compile_sm90(kern, args: tuple, kwargs: dict) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    values = dict(zip(kern.arg_names, args))
+    values.update({k: v for k, v in kwargs.items() if k not in _LAUNCH_OPTIONS})
+    no_spec = {kern.arg_names[i] if isinstance(i, int) else i for i in (kern.do_not_specialize or ())}
+    signature, constants, attrs = {}, {}, {}
+    for i, (name, param) in enumerate(zip(kern.arg_names, kern.params)):
+        v = values[name]
+        if param.is_constexpr or v is None:
+            signature[name], constants[name] = "constexpr", v
+        elif torch.is_tensor(v):
+            signature[name] = _PTR[v.dtype]
+            if v.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, bool):
+            signature[name] = "i1"
+        elif isinstance(v, float):
+            signature[name] = "fp32"
+        elif name in no_spec:
+            signature[name] = "i32"
+        elif v == 1:
+            signature[name], constants[name] = "constexpr", 1
+        else:
+            signature[name] = "i32" if abs(v) < 2 ** 31 else "i64"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    compiled = triton.compile(ASTSource(fn=kern, signature=signature, constexprs=constants, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 32), options=options)
+    ttgir = compiled.asm["ttgir"]
+    return {"kernel": kern.__name__, "num_stages": options.get("num_stages"),
+            "async_copies": ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy_global_to_local"),
+            "shared_bytes": compiled.metadata.shared,
+            "cp_async_ptx": len(re.findall(r"cp\.async\.(?:cg|ca)", compiled.asm["ptx"]))}
+
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def _linear_case(tokens: int, projection: str, num_stages: int | None = None):
+    """The 7B decode linear as the triton backend runs it (tuned H100 configuration; ``num_stages`` overrides
+    its pipelining depth - 1 leaves the loop unpipelined, the check's control)."""
+    import dataclasses
+
+    from fastdllm_kernels.linear import kernel as lk
+    from fastdllm_kernels.linear.configs import pick_config
+
+    d, inter = 3584, 18944
+    n, k, kw = {"gate_up": (inter, d, dict(swiglu=True, row_rms=True)),
+                "down": (d, inter, dict(residual=torch.empty(tokens, d, dtype=torch.bfloat16)))}[projection]
+    x = torch.empty(tokens, k, dtype=torch.bfloat16)
+    w = torch.empty(n * (2 if kw.get("swiglu") else 1), k, dtype=torch.bfloat16)
+    cfg = pick_config(tokens, n, k, kw.get("swiglu", False), 132, H100)
+    if num_stages is not None:
+        cfg = dataclasses.replace(cfg, num_stages=num_stages)
+    return [lk.fused_linear_kernel], lambda: lk.fused_linear(x, w, config=cfg, **kw)
+
+
+def _decode_attention_case(queries: int, prefix: int):
+    """One 7B layer's decode attention at batch 1 (GQA 7:1, head_dim 128)."""
+    from fastdllm_kernels.attention import kernel as ak
+
+    hq, hkv, d = 28, 4, 128
+    q = torch.empty(queries, hq, d, dtype=torch.bfloat16)
+    pk, pv = (torch.empty(1, hkv, prefix + 64, d, dtype=torch.bfloat16) for _ in range(2))
+    bk, bv = (torch.empty(1, hkv, 32, d, dtype=torch.bfloat16) for _ in range(2))
+    meta = [torch.zeros(1, dtype=torch.long), torch.tensor([prefix]), torch.ones(1, dtype=torch.long),
+            torch.zeros(1, dtype=torch.long)]
+    return ([ak.decode_attention_fwd_kernel, ak.decode_attention_combine_kernel],
+            lambda: ak.decode_attention(q, pk, pv, bk, bv, *meta, n_q=queries, scale=d ** -0.5))
+
+
+CASES = {"linear_gate_up_8": lambda: _linear_case(8, "gate_up"),
+         "linear_gate_up_32": lambda: _linear_case(32, "gate_up"),
+         "linear_down_8": lambda: _linear_case(8, "down"), "linear_down_32": lambda: _linear_case(32, "down"),
+         "linear_gate_up_8_one_stage": lambda: _linear_case(8, "gate_up", num_stages=1),
+         "decode_attention_32": lambda: _decode_attention_case(32, 2048),
+         "decode_attention_8": lambda: _decode_attention_case(8, 8192)}
+
+
+def main(case: str):
+    kernels, call = CASES[case]()
+    for kern, args, kwargs in capture_launches(kernels, call):
+        print(json.dumps(compile_sm90(kern, args, kwargs)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

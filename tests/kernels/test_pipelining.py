@@ -1,0 +1,39 @@
+"""The streaming kernels' loops are software-pipelined when compiled for Hopper - the property their speed rests on
+and that a change to a loop body can silently remove (tests/helpers/sm90_pipelining.py). Compiled on the CPU for
+sm_90 in a subprocess without the interpreter, from launches captured through the kernels' own wrappers at the
+7B's decode shapes."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def _launches(case: str) -> list:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "tests.helpers.sm90_pipelining", case], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.parametrize("case", ["linear_gate_up_8", "linear_gate_up_32", "linear_down_8", "linear_down_32"])
+def test_decode_linear_streams_its_weight_through_pipelined_copies(case):
+    (launch,) = _launches(case)
+    assert launch["kernel"] == "fused_linear_kernel" and launch["num_stages"] >= 2, launch
+    assert launch["async_copies"] > 0 and launch["cp_async_ptx"] > 0, launch
+
+
+def test_the_check_sees_a_loop_left_unpipelined():
+    (launch,) = _launches("linear_gate_up_8_one_stage")
+    assert launch["async_copies"] == 0 and launch["cp_async_ptx"] == 0, launch
+
+
+@pytest.mark.parametrize("case", ["decode_attention_32", "decode_attention_8"])
+def test_decode_attention_streams_keys_through_pipelined_copies(case):
+    split, merge = _launches(case)
+    assert split["kernel"] == "decode_attention_fwd_kernel" and merge["kernel"] == "decode_attention_combine_kernel"
+    assert split["async_copies"] > 0 and split["cp_async_ptx"] > 0, split
