@@ -1,10 +1,8 @@
 """Sweep the decode-attention launch plan (key tile, K/V splits, pipeline depth, query tile, then the merge
-kernel's rows per program and warps) at the decode shapes, next to the plan ``decode_plan`` picks. One JSON line
-per shape in ``bench/results/attention_sweep.jsonl`` with the best plan, the default plan's time and
-SDPA-with-mask's. ``--merge-here``: the split count and key tile only, each with the merge as a second kernel
-and in the last-arriving split (``DecodePlan.merge_here``).
+kernel's rows per program and warps) at the decode shapes, next to the plan ``decode_plan`` picks. One JSON line per shape in
+``bench/results/attention_sweep.jsonl`` with the best plan, the default plan's time and SDPA-with-mask's.
 
-    python bench/attention_sweep.py [--prefixes 2048,8192] [--merge-here]
+    python bench/attention_sweep.py [--prefixes 2048,8192]
 """
 import argparse
 import dataclasses
@@ -21,11 +19,8 @@ from fastdllm_kernels.attention.kernel import DecodePlan, decode_attention, deco
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--prefixes", default="2048,8192")
-    ap.add_argument("--merge-here", action="store_true",
-                    help="only the split count, with the merge as a second kernel or in the last-arriving split, "
-                         "beside the default plan (its tiles and stages)")
     args = ap.parse_args()
-    command = f"python bench/attention_sweep.py --prefixes {args.prefixes}" + " --merge-here" * args.merge_here
+    command = f"python bench/attention_sweep.py --prefixes {args.prefixes}"
     bw = copy_bandwidth_gbs()
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     D, dt = 128, torch.bfloat16
@@ -45,27 +40,6 @@ def main():
             default_ms = graph_time(lambda: decode_attention(q, pk, pv, bk, bv, *meta, n_q=n, scale=scale,
                                                              plan=default))["p50_ms"]
             best, best_ms = default, default_ms
-            if args.merge_here:
-                times = {}
-                for splits, here, bn in itertools.product((2, 4, 8, 16, 32, 64), (False, True), (32, 64)):
-                    plan = dataclasses.replace(default, splits=splits, merge_here=here, block_n=bn)
-                    fn = lambda: decode_attention(q, pk, pv, bk, bv, *meta, n_q=n, scale=scale, plan=plan)  # noqa: E731
-                    err = float((fn().float() - ref).abs().max())
-                    assert err < 2e-2, f"{plan}: max err {err} against the one-split result"
-                    ms = graph_time(fn, reps=20, iters=10)["p50_ms"]
-                    times[f"s{splits}{'-here' if here else ''}-bn{bn}"] = ms
-                    if ms < best_ms:
-                        best, best_ms = plan, ms
-                kv_bytes = 2 * hkv * (L + 32) * D * 2
-                sep = min(v for k, v in times.items() if "here" not in k)
-                here = min(v for k, v in times.items() if "here" in k)
-                rows.append(record("attention_sweep", model=model, prefix=L, queries=n, best_plan=vars(best),
-                                   best_ms=best_ms, default_plan=vars(default), default_ms=default_ms, sdpa_ms=sdpa,
-                                   kv_bytes=kv_bytes, best_fraction_of_copy_bw=kv_bytes / (best_ms / 1e3) / 1e9 / bw,
-                                   times_ms=times, best_separate_ms=sep, best_merge_here_ms=here, command=command))
-                print(f"{model:4} L={L:5d} q={n:2d} default {default_ms * 1e3:6.1f} us  separate merge "
-                      f"{sep * 1e3:6.1f}  merge here {here * 1e3:6.1f}  best {best}", flush=True)
-                continue
             for bm in {64, 128} if G * n > 64 else {64}:
                 m_tiles = -(-G * n // bm)
                 for bn, stages, splits in itertools.product((32, 64, 128), (2, 3, 4), (4, 8, 16, 32, 64)):

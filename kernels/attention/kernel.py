@@ -19,7 +19,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdllm_kernels.arrivals import MAX_TILES, arrival_counters
 from fastdllm_kernels.launch import pdl_mode, wait_for_producer
 
 
@@ -55,14 +54,13 @@ def _attend_keys(b_q, p_k, p_v, base, stride_n, j_lo, j_hi, j_off, d, b_m, b_l, 
 # compile a new kernel (Triton otherwise specialises integers equal to 1 or divisible by 16).
 @triton.jit(do_not_specialize=["M_TILES", "SPLITS"])
 def decode_attention_fwd_kernel(
-        p_q, p_pk, p_pv, p_bk, p_bv, p_o, p_part_o, p_part_lse, p_count,
+        p_q, p_pk, p_pv, p_bk, p_bv, p_o, p_part_o, p_part_lse,
         p_slot, p_plen, p_tail, p_qstart,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_ps, stride_ph, stride_pn, stride_bs, stride_bh, stride_bn,
         scale, M_TILES, SPLITS,
         HKV: tl.constexpr, G: tl.constexpr, NQ: tl.constexpr, D: tl.constexpr, TAIL: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr,
-        MERGE_HERE: tl.constexpr, ROWS: tl.constexpr, SPLITS_P2: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr):
     pid_rh = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -111,40 +109,6 @@ def decode_attention_fwd_kernel(
         b_o = b_acc / b_l[:, None]
         tl.store(p_part_o + base * BLOCK_M * D + rows[:, None] * D + d[None, :], b_o.to(p_part_o.dtype.element_ty))
         tl.store(p_part_lse + base * BLOCK_M + rows, tl.where(empty, float("-inf"), b_m + tl.log(b_l)))
-        if MERGE_HERE:
-            # the split that arrives last merges the tile's partials - no second launch (arrivals.py)
-            tl.debug_barrier()                       # every thread's partial is written before the release
-            tile = pid_rh * M_TILES + pid_m
-            arrived = tl.atomic_add(p_count + tile, 1, sem="acq_rel")
-            if arrived == SPLITS - 1:
-                for r0 in tl.static_range(0, BLOCK_M, ROWS):
-                    _merge_rows(p_o, p_part_o, p_part_lse, tile, r0 + tl.arange(0, ROWS), pid_m, h, qstart,
-                                stride_ot, stride_oh, SPLITS, G, NQ, D, BLOCK_M, SPLITS_P2)
-                tl.atomic_xchg(p_count + tile, 0)
-
-
-@triton.jit
-def _merge_rows(p_o, p_part_o, p_part_lse, tile, rows, pid_m, h, qstart, stride_ot, stride_oh, SPLITS,
-                G: tl.constexpr, NQ: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, SPLITS_P2: tl.constexpr):
-    """Merge the splits' partial softmaxes of packed rows ``rows`` of query tile ``tile``; all splits are loaded
-    at once (one memory latency, not one per split), past L1 (other programs wrote them)."""
-    m_idx = pid_m * BLOCK_M + rows
-    m_ok = m_idx < G * NQ
-    g = m_idx // NQ
-    i = m_idx % NQ
-    d = tl.arange(0, D)
-    s = tl.arange(0, SPLITS_P2)
-    s_ok = s < SPLITS
-    base = (tile * SPLITS + s).to(tl.int64)                                               # [S]
-    b_lse = tl.load(p_part_lse + base[:, None] * BLOCK_M + rows[None, :], mask=s_ok[:, None], other=float("-inf"),
-                    cache_modifier=".cg")
-    b_os = tl.load(p_part_o + base[:, None, None] * BLOCK_M * D + rows[None, :, None] * D + d[None, None, :],
-                   mask=s_ok[:, None, None], other=0.0, cache_modifier=".cg").to(tl.float32)   # [S, ROWS, D]
-    b_max = tl.max(b_lse, axis=0)
-    w = tl.where(b_lse == float("-inf"), 0.0, tl.exp(b_lse - b_max[None, :]))            # empty splits weigh 0
-    b_acc = tl.sum(w[:, :, None] * b_os, axis=0)                                          # [ROWS, D]
-    off_o = (qstart + i)[:, None] * stride_ot + (h * G + g)[:, None] * stride_oh + d[None, :]
-    tl.store(p_o + off_o, (b_acc / tl.sum(w, axis=0)[:, None]).to(p_o.dtype.element_ty), mask=m_ok[:, None])
 
 
 @triton.jit(do_not_specialize=["M_TILES", "SPLITS"])
@@ -152,7 +116,8 @@ def decode_attention_combine_kernel(
         p_o, p_part_o, p_part_lse, p_qstart, stride_ot, stride_oh, M_TILES, SPLITS,
         HKV: tl.constexpr, G: tl.constexpr, NQ: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
         ROWS: tl.constexpr, SPLITS_P2: tl.constexpr, PDL: tl.constexpr):
-    """Merge the splits' partial softmaxes, ROWS packed rows per program."""
+    """Merge the splits' partial softmaxes for ROWS packed rows; all splits are loaded at once (one memory
+    latency, not one per split)."""
     wait_for_producer(PDL)
     pid_rh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -160,8 +125,23 @@ def decode_attention_combine_kernel(
     r = (pid_rh // HKV).to(tl.int64)
     h = (pid_rh % HKV).to(tl.int64)
     qstart = tl.load(p_qstart + r).to(tl.int64)
-    _merge_rows(p_o, p_part_o, p_part_lse, pid_rh * M_TILES + pid_m, pid_r * ROWS + tl.arange(0, ROWS), pid_m, h,
-                qstart, stride_ot, stride_oh, SPLITS, G, NQ, D, BLOCK_M, SPLITS_P2)
+    rows = pid_r * ROWS + tl.arange(0, ROWS)
+    m_idx = pid_m * BLOCK_M + rows
+    m_ok = m_idx < G * NQ
+    g = m_idx // NQ
+    i = m_idx % NQ
+    d = tl.arange(0, D)
+    s = tl.arange(0, SPLITS_P2)
+    s_ok = s < SPLITS
+    base = ((pid_rh * M_TILES + pid_m) * SPLITS + s).to(tl.int64)                      # [S]
+    b_lse = tl.load(p_part_lse + base[:, None] * BLOCK_M + rows[None, :], mask=s_ok[:, None], other=float("-inf"))
+    b_os = tl.load(p_part_o + base[:, None, None] * BLOCK_M * D + rows[None, :, None] * D + d[None, None, :],
+                   mask=s_ok[:, None, None], other=0.0).to(tl.float32)                     # [S, ROWS, D]
+    b_max = tl.max(b_lse, axis=0)
+    w = tl.where(b_lse == float("-inf"), 0.0, tl.exp(b_lse - b_max[None, :]))            # empty splits weigh 0
+    b_acc = tl.sum(w[:, :, None] * b_os, axis=0)                                          # [ROWS, D]
+    off_o = (qstart + i)[:, None] * stride_ot + (h * G + g)[:, None] * stride_oh + d[None, :]
+    tl.store(p_o + off_o, (b_acc / tl.sum(w, axis=0)[:, None]).to(p_o.dtype.element_ty), mask=m_ok[:, None])
 
 
 def _dot_precision(q) -> str:
@@ -179,7 +159,6 @@ class DecodePlan:
     num_stages: int = 3
     merge_rows: int = 0             # packed rows per merge program; 0: as many as keep its load at 8192 values
     merge_warps: int = 4
-    merge_here: bool = False        # the last-arriving split merges (no combine kernel); merge_warps unused
 
 
 def decode_plan(rows: int, kv_heads: int, group: int, n_q: int, max_keys: int, num_sms: int = 132,
@@ -222,20 +201,17 @@ def decode_attention(q, prefix_k, prefix_v, block_k, block_v, slots, prefix_lens
         part_lse = torch.empty(R * HKV * m_tiles * splits * block_m, dtype=torch.float32, device=q.device)
     else:
         part_o = part_lse = out
-    splits_p2 = triton.next_power_of_2(splits)
-    rows = plan.merge_rows or max(1, min(block_m, 8192 // (splits_p2 * D)))
-    merge_here = plan.merge_here and splits > 1
-    count = arrival_counters(q.device, "decode_attention")
-    assert not merge_here or R * HKV * m_tiles <= MAX_TILES, f"decode_attention: {R * HKV * m_tiles} query tiles"
     decode_attention_fwd_kernel[(R * HKV, m_tiles, splits)](
-        q, prefix_k, prefix_v, block_k, block_v, out, part_o, part_lse, count, slots, prefix_lens, has_tail, q_starts,
+        q, prefix_k, prefix_v, block_k, block_v, out, part_o, part_lse, slots, prefix_lens, has_tail, q_starts,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
         block_k.stride(0), block_k.stride(1), block_k.stride(2),
         scale, m_tiles, splits, HKV=HKV, G=G, NQ=n_q, D=D, TAIL=TAIL,
-        BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=_dot_precision(q), PDL=pdl, MERGE_HERE=merge_here, ROWS=rows,
-        SPLITS_P2=splits_p2, num_warps=plan.num_warps, num_stages=plan.num_stages, launch_pdl=pdl > 0)
-    if splits > 1 and not merge_here:
+        BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=_dot_precision(q), PDL=pdl,
+        num_warps=plan.num_warps, num_stages=plan.num_stages, launch_pdl=pdl > 0)
+    if splits > 1:
+        splits_p2 = triton.next_power_of_2(splits)
+        rows = plan.merge_rows or max(1, min(block_m, 8192 // (splits_p2 * D)))
         decode_attention_combine_kernel[(R * HKV, m_tiles, block_m // rows)](
             out, part_o, part_lse, q_starts, out.stride(0), out.stride(1), m_tiles, splits, HKV=HKV, G=G, NQ=n_q, D=D,
             BLOCK_M=block_m, ROWS=rows, SPLITS_P2=splits_p2, PDL=pdl, num_warps=plan.merge_warps,

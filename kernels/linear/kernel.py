@@ -14,8 +14,8 @@ it is another launch. This kernel fuses what surrounds the matmul:
 Split-K: when the output has too few column tiles to occupy every SM, the K range is split across programs.
 Each split stores its partial tile (and partial sums of squares) to a workspace and bumps a per-tile counter;
 the split that arrives last sums all partials in split order - deterministic - runs the epilogue, and resets
-the counter to zero, so the next call (or CUDA-graph replay) starts clean without a memset (``arrivals.py``:
-calls must not run concurrently on two streams; the runtime issues them on one).
+the counter to zero, so the next call (or CUDA-graph replay) starts clean without a memset. The counters are
+one buffer per device: calls must not run concurrently on two streams (the runtime issues them on one).
 """
 from __future__ import annotations
 
@@ -23,12 +23,12 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdllm_kernels.arrivals import MAX_TILES, arrival_counters
 from fastdllm_kernels.launch import pdl_mode, wait_for_producer
 
 from .configs import LinearConfig, device_name, pick_config
 
-_F32_DUMMY: dict = {}
+_COUNTERS: dict = {}
+MAX_TILES = 1 << 16
 
 
 @triton.jit
@@ -149,11 +149,24 @@ def _epilogue(acc, acc_u, ss, rm, rn, m_ok, n_ok, p_out, p_bias, p_res, K, strid
     tl.store(p_out + rm[:, None].to(tl.int64) * stride_om + rn[None, :], acc.to(p_out.dtype.element_ty), mask=mask)
 
 
-def _f32_dummy(device) -> torch.Tensor:
+def _counters(device) -> torch.Tensor:
+    """Per-device split-K arrival counters (zero between calls: the last split of each tile resets its own).
+    Allocated by the first call, which must not be inside a CUDA-graph capture (the runtime warms up first)."""
     key = (device.type, device.index)
-    if key not in _F32_DUMMY:
-        _F32_DUMMY[key] = torch.zeros(1, dtype=torch.float32, device=device)
-    return _F32_DUMMY[key]
+    c = _COUNTERS.get(key)
+    if c is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("fused_linear: run one eager call before capturing a CUDA graph "
+                               "(its split-K counters must outlive the graph)")
+        c = _COUNTERS[key] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
+    return c
+
+
+def _f32_dummy(device) -> torch.Tensor:
+    key = ("f32", device.type, device.index)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(1, dtype=torch.float32, device=device)
+    return _COUNTERS[key]
 
 
 def fused_linear(x, weight, *, norm_weight=None, row_rms: bool = False, eps: float = 1e-6, bias=None,
@@ -178,7 +191,7 @@ def fused_linear(x, weight, *, norm_weight=None, row_rms: bool = False, eps: flo
     even_k = K % cfg.block_k == 0 and k_per_split * split_k == K
     pdl = pdl_mode(x.device)
     dummy = out
-    count = arrival_counters(x.device, "fused_linear")   # a typed pointer even unused: the split branch compiles
+    count = _counters(x.device)           # typed pointers even when unused: the split branch compiles anyway
     if split_k > 1:
         tiles = m_tiles * n_tiles
         assert tiles <= MAX_TILES, f"fused_linear: {tiles} output tiles exceed {MAX_TILES}"

@@ -99,11 +99,8 @@ def _linear_case(tokens: int, projection: str, num_stages: int | None = None):
     return [lk.fused_linear_kernel], lambda: lk.fused_linear(x, w, config=cfg, **kw)
 
 
-def _decode_attention_case(queries: int, prefix: int, merge_here: bool = False):
-    """One 7B layer's decode attention at batch 1 (GQA 7:1, head_dim 128), its default plan (``merge_here``:
-    with the split merge in the last-arriving split)."""
-    import dataclasses
-
+def _decode_attention_case(queries: int, prefix: int):
+    """One 7B layer's decode attention at batch 1 (GQA 7:1, head_dim 128)."""
     from fastdllm_kernels.attention import kernel as ak
 
     hq, hkv, d = 28, 4, 128
@@ -112,10 +109,8 @@ def _decode_attention_case(queries: int, prefix: int, merge_here: bool = False):
     bk, bv = (torch.empty(1, hkv, 32, d, dtype=torch.bfloat16) for _ in range(2))
     meta = [torch.zeros(1, dtype=torch.long), torch.tensor([prefix]), torch.ones(1, dtype=torch.long),
             torch.zeros(1, dtype=torch.long)]
-    plan = ak.decode_plan(1, hkv, hq // hkv, queries, prefix + 64 + 32)
-    plan = dataclasses.replace(plan, merge_here=merge_here)
     return ([ak.decode_attention_fwd_kernel, ak.decode_attention_combine_kernel],
-            lambda: ak.decode_attention(q, pk, pv, bk, bv, *meta, n_q=queries, scale=d ** -0.5, plan=plan))
+            lambda: ak.decode_attention(q, pk, pv, bk, bv, *meta, n_q=queries, scale=d ** -0.5))
 
 
 CASES = {"linear_gate_up_8": lambda: _linear_case(8, "gate_up"),
@@ -123,8 +118,7 @@ CASES = {"linear_gate_up_8": lambda: _linear_case(8, "gate_up"),
          "linear_down_8": lambda: _linear_case(8, "down"), "linear_down_32": lambda: _linear_case(32, "down"),
          "linear_gate_up_8_one_stage": lambda: _linear_case(8, "gate_up", num_stages=1),
          "decode_attention_32": lambda: _decode_attention_case(32, 2048),
-         "decode_attention_8": lambda: _decode_attention_case(8, 8192),
-         "decode_attention_8_merge_here": lambda: _decode_attention_case(8, 8192, merge_here=True)}
+         "decode_attention_8": lambda: _decode_attention_case(8, 8192)}
 
 
 def main(case: str):

@@ -4,7 +4,6 @@ import torch
 
 from tests.kernels.conftest import DEVICE, DTYPES, assert_close_tiered
 
-from fastdllm_kernels.arrivals import COUNTERS
 from fastdllm_kernels.attention.kernel import DecodePlan, decode_attention, decode_plan, prefill_attention
 from fastdllm_kernels.attention.reference import decode_attention_ref, extend_attention_ref
 
@@ -43,24 +42,13 @@ def test_decode_attention_one_row_with_many_splits():
     _decode_case(torch.float32, 4, 2, 32, 8, plens=[157], tails=[1])
 
 
-@pytest.mark.parametrize("merge_here", [False, True])
 @pytest.mark.parametrize("splits", [3, 12, 20])
-def test_decode_attention_splits_divide_each_rows_keys(splits, merge_here):
+def test_decode_attention_splits_divide_each_rows_keys(splits):
     # keys are divided among the splits per row at run time: 189 keys in tiles of 16 over 3 (uneven), 12
-    # (one tile each) and 20 splits (8 of them empty, which the merge must weigh 0); rows of other lengths
-    # (0 + 32 block keys, 64 without tail) share the launch. The merge runs as a second kernel, or in the
-    # split that arrives last
-    plan = DecodePlan(block_m=16, m_tiles=1, splits=splits, block_n=16, merge_here=merge_here)
+    # (one tile each) and 20 splits (8 of them empty, which the combine must weigh 0); rows of other lengths
+    # (0 + 32 block keys, 64 without tail) share the launch
+    plan = DecodePlan(block_m=16, m_tiles=1, splits=splits, block_n=16)
     _decode_case(torch.float32, 4, 2, 32, 8, plens=[157, 0, 64], tails=[1, 1, 0], S=192, plan=plan)
-    assert all(int(c.abs().sum()) == 0 for c in COUNTERS.values())     # the last arrival reset every counter
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_decode_attention_merged_by_the_last_split_in_row_chunks(dtype):
-    # 2 query tiles of 32 packed rows (G 7 x 8 queries = 56), merged 8 rows at a time by the last split of each
-    plan = DecodePlan(block_m=32, m_tiles=2, splits=5, block_n=32, merge_rows=8, merge_here=True)
-    _decode_case(dtype, 14, 2, 64, 8, plens=[96, 131], tails=[1, 0], plan=plan)
-    assert all(int(c.abs().sum()) == 0 for c in COUNTERS.values())
 
 
 def _prefill_case(dtype, hq, hkv, D, lens, starts, S=192):

@@ -9,8 +9,7 @@ from tests.kernels.conftest import DEVICE, DTYPES, assert_close_tiered
 from fastdllm_kernels.linear import configs
 from fastdllm_kernels.linear.configs import STRATEGIES, LinearConfig, pick_config, pick_strategy
 from fastdllm_kernels.linear.dispatch import linear
-from fastdllm_kernels.arrivals import COUNTERS
-from fastdllm_kernels.linear.kernel import fused_linear
+from fastdllm_kernels.linear.kernel import _COUNTERS, fused_linear
 from fastdllm_kernels.linear.reference import fused_linear_ref
 
 FUSIONS = {
@@ -66,7 +65,7 @@ def test_fused_linear_split_k_reduces_every_partial_once(fusion, split_k, K):
     # over two row tiles, 48 columns over two column tiles with a ragged edge
     _case(torch.float32, 40, 48, K, fusion, LinearConfig(block_m=32, block_n=32, block_k=64, split_k=split_k))
     # the last split of every tile resets its counter: the next call starts from zero
-    assert all(int(c.abs().sum()) == 0 for c in COUNTERS.values())
+    assert all(int(c.abs().sum()) == 0 for c in _COUNTERS.values())
 
 
 def test_fused_linear_split_k_is_deterministic():

@@ -37,8 +37,3 @@ def test_decode_attention_streams_keys_through_pipelined_copies(case):
     split, merge = _launches(case)
     assert split["kernel"] == "decode_attention_fwd_kernel" and merge["kernel"] == "decode_attention_combine_kernel"
     assert split["async_copies"] > 0 and split["cp_async_ptx"] > 0, split
-
-
-def test_decode_attention_merging_in_its_last_split_keeps_the_key_loops_pipelined():
-    (split,) = _launches("decode_attention_8_merge_here")                 # no combine kernel launched
-    assert split["kernel"] == "decode_attention_fwd_kernel" and split["async_copies"] > 0, split
