@@ -9,8 +9,9 @@ decode attention, bench/RESULTS.md). The launch is captured from the kernel's ow
 tensors of the real shapes, and compiled with what a GPU launch would specialise: 16-byte aligned pointers,
 integer arguments equal to 1 as constants, multiples of 16 marked so.
 
-Run as a script (``python -m tests.helpers.sm90_pipelining CASE``) with ``TRITON_INTERPRET`` unset - under the
-interpreter ``triton.jit`` builds no compilable kernels; it prints one JSON object per launch of the case.
+Run as a script (``python -m tests.helpers.sm90_pipelining [CASE ...]``, all cases by default) with
+``TRITON_INTERPRET`` unset - under the interpreter ``triton.jit`` builds no compilable kernels; it prints one
+JSON object per launch.
 """
 from __future__ import annotations
 
@@ -121,11 +122,12 @@ CASES = {"linear_gate_up_8": lambda: _linear_case(8, "gate_up"),
          "decode_attention_8": lambda: _decode_attention_case(8, 8192)}
 
 
-def main(case: str):
-    kernels, call = CASES[case]()
-    for kern, args, kwargs in capture_launches(kernels, call):
-        print(json.dumps(compile_sm90(kern, args, kwargs)))
+def main(cases: list[str]):
+    for case in cases:
+        kernels, call = CASES[case]()
+        for kern, args, kwargs in capture_launches(kernels, call):
+            print(json.dumps({"case": case, **compile_sm90(kern, args, kwargs)}), flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:] or list(CASES))

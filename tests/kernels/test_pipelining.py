@@ -12,28 +12,35 @@ import pytest
 from tests.conftest import REPO
 
 
-def _launches(case: str) -> list:
+@pytest.fixture(scope="module")
+def launches() -> dict:
+    """Every case's launches, compiled in one subprocess (one torch import): case -> list of reports."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "tests.helpers.sm90_pipelining", case], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-m", "tests.helpers.sm90_pipelining"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]
-    return [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    out = {}
+    for line in run.stdout.splitlines():
+        if line.startswith("{"):
+            report = json.loads(line)
+            out.setdefault(report.pop("case"), []).append(report)
+    return out
 
 
 @pytest.mark.parametrize("case", ["linear_gate_up_8", "linear_gate_up_32", "linear_down_8", "linear_down_32"])
-def test_decode_linear_streams_its_weight_through_pipelined_copies(case):
-    (launch,) = _launches(case)
+def test_decode_linear_streams_its_weight_through_pipelined_copies(launches, case):
+    (launch,) = launches[case]
     assert launch["kernel"] == "fused_linear_kernel" and launch["num_stages"] >= 2, launch
     assert launch["async_copies"] > 0 and launch["cp_async_ptx"] > 0, launch
 
 
-def test_the_check_sees_a_loop_left_unpipelined():
-    (launch,) = _launches("linear_gate_up_8_one_stage")
+def test_the_check_sees_a_loop_left_unpipelined(launches):
+    (launch,) = launches["linear_gate_up_8_one_stage"]
     assert launch["async_copies"] == 0 and launch["cp_async_ptx"] == 0, launch
 
 
 @pytest.mark.parametrize("case", ["decode_attention_32", "decode_attention_8"])
-def test_decode_attention_streams_keys_through_pipelined_copies(case):
-    split, merge = _launches(case)
+def test_decode_attention_streams_keys_through_pipelined_copies(launches, case):
+    split, merge = launches[case]
     assert split["kernel"] == "decode_attention_fwd_kernel" and merge["kernel"] == "decode_attention_combine_kernel"
     assert split["async_copies"] > 0 and split["cp_async_ptx"] > 0, split
