@@ -114,18 +114,36 @@ def _decode_attention_case(queries: int, prefix: int):
             lambda: ak.decode_attention(q, pk, pv, bk, bv, *meta, n_q=queries, scale=d ** -0.5))
 
 
+def _prefill_attention_case(tokens: int = 512, prefix: int = 2048):
+    """A 7B scoring forward's attention: a 512-token window after a 2048-token prefix cache."""
+    from fastdllm_kernels.attention import kernel as ak
+
+    hq, hkv, d = 28, 4, 128
+    q = torch.empty(tokens, hq, d, dtype=torch.bfloat16)
+    k, v = (torch.empty(tokens, hkv, d, dtype=torch.bfloat16) for _ in range(2))
+    pk, pv = (torch.empty(1, hkv, prefix, d, dtype=torch.bfloat16) for _ in range(2))
+    meta = torch.zeros(1, dtype=torch.long), torch.tensor([prefix]), torch.tensor([0, tokens])
+    return ([ak.prefill_attention_fwd_kernel],
+            lambda: ak.prefill_attention(q, k, v, pk, pv, *meta, tokens, d ** -0.5, 32))
+
+
+# the wrapper picks smaller tiles for CPU tensors (the interpreter's speed); a GPU launch uses these
+GPU_TILES = {"prefill_attention_fwd_kernel": {"BLOCK_M": 64, "BLOCK_N": 64}}
+
 CASES = {"linear_gate_up_8": lambda: _linear_case(8, "gate_up"),
          "linear_gate_up_32": lambda: _linear_case(32, "gate_up"),
          "linear_down_8": lambda: _linear_case(8, "down"), "linear_down_32": lambda: _linear_case(32, "down"),
          "linear_gate_up_8_one_stage": lambda: _linear_case(8, "gate_up", num_stages=1),
          "decode_attention_32": lambda: _decode_attention_case(32, 2048),
-         "decode_attention_8": lambda: _decode_attention_case(8, 8192)}
+         "decode_attention_8": lambda: _decode_attention_case(8, 8192),
+         "prefill_attention": _prefill_attention_case}
 
 
 def main(cases: list[str]):
     for case in cases:
         kernels, call = CASES[case]()
         for kern, args, kwargs in capture_launches(kernels, call):
+            kwargs = {**kwargs, **GPU_TILES.get(kern.__name__, {})}
             print(json.dumps({"case": case, **compile_sm90(kern, args, kwargs)}), flush=True)
 
 

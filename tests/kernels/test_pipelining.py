@@ -1,7 +1,7 @@
 """The streaming kernels' loops are software-pipelined when compiled for Hopper - the property their speed rests on
 and that a change to a loop body can silently remove (tests/helpers/sm90_pipelining.py). Compiled on the CPU for
 sm_90 in a subprocess without the interpreter, from launches captured through the kernels' own wrappers at the
-7B's decode shapes."""
+7B's decode (and one scoring) shapes."""
 import json
 import os
 import subprocess
@@ -44,3 +44,8 @@ def test_decode_attention_streams_keys_through_pipelined_copies(launches, case):
     split, merge = launches[case]
     assert split["kernel"] == "decode_attention_fwd_kernel" and merge["kernel"] == "decode_attention_combine_kernel"
     assert split["async_copies"] > 0 and split["cp_async_ptx"] > 0, split
+
+
+def test_prefill_attention_streams_keys_through_pipelined_copies(launches):
+    (launch,) = launches["prefill_attention"]
+    assert launch["kernel"] == "prefill_attention_fwd_kernel" and launch["async_copies"] > 0, launch
