@@ -271,6 +271,12 @@ def prefill_attention_fwd_kernel(
     tl.store(p_o + off_o, (b_acc / b_l[:, None]).to(p_o.dtype.element_ty), mask=i_ok[:, None])
 
 
+def prefill_tile(D: int, device_type: str) -> int:
+    """Query and key tile of ``prefill_attention``: 64, or 32 for head_dim > 64 under the CPU interpreter
+    (whose time grows with the tile's size)."""
+    return 64 if D <= 64 or device_type != "cpu" else 32
+
+
 def prefill_attention(q, k, v, prefix_k, prefix_v, slots, starts, cu, max_len: int, scale: float, block_size: int):
     """q [T, Hq, D], k/v [T, Hkv, D] packed windows (row r = cu[r]:cu[r+1], first position starts[r], a block
     boundary); prefix caches [slots, Hkv, S, D]. Returns o [T, Hq, D]."""
@@ -281,7 +287,7 @@ def prefill_attention(q, k, v, prefix_k, prefix_v, slots, starts, cu, max_len: i
     out = torch.empty_like(q)
     if R == 0 or T == 0:
         return out
-    BLOCK_M = BLOCK_N = 64 if D <= 64 else 32 if q.device.type == "cpu" else 64
+    BLOCK_M = BLOCK_N = prefill_tile(D, q.device.type)
     prefill_attention_fwd_kernel[(R * HQ, triton.cdiv(max_len, BLOCK_M))](
         q, k, v, prefix_k, prefix_v, out, slots, starts, cu,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),

@@ -127,8 +127,16 @@ def _prefill_attention_case(tokens: int = 512, prefix: int = 2048):
             lambda: ak.prefill_attention(q, k, v, pk, pv, *meta, tokens, d ** -0.5, 32))
 
 
-# the wrapper picks smaller tiles for CPU tensors (the interpreter's speed); a GPU launch uses these
-GPU_TILES = {"prefill_attention_fwd_kernel": {"BLOCK_M": 64, "BLOCK_N": 64}}
+def _gpu_tiles(kern, kwargs: dict) -> dict:
+    """The captured launch with the tiles a GPU launch would use (the prefill wrapper picks smaller tiles for
+    CPU tensors, for the interpreter's speed)."""
+    from fastdllm_kernels.attention import kernel as ak
+
+    if kern is ak.prefill_attention_fwd_kernel:
+        tile = ak.prefill_tile(kwargs["D"], "cuda")
+        return {**kwargs, "BLOCK_M": tile, "BLOCK_N": tile}
+    return kwargs
+
 
 CASES = {"linear_gate_up_8": lambda: _linear_case(8, "gate_up"),
          "linear_gate_up_32": lambda: _linear_case(32, "gate_up"),
@@ -143,8 +151,7 @@ def main(cases: list[str]):
     for case in cases:
         kernels, call = CASES[case]()
         for kern, args, kwargs in capture_launches(kernels, call):
-            kwargs = {**kwargs, **GPU_TILES.get(kern.__name__, {})}
-            print(json.dumps({"case": case, **compile_sm90(kern, args, kwargs)}), flush=True)
+            print(json.dumps({"case": case, **compile_sm90(kern, args, _gpu_tiles(kern, kwargs))}), flush=True)
 
 
 if __name__ == "__main__":
