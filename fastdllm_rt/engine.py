@@ -165,7 +165,7 @@ class _Rows:
         self.logits_rows = logits_rows
 
 
-def check_finite(flag: torch.Tensor, what: str) -> None:
+def check_finite(flag: torch.Tensor | bool, what: str) -> None:
     if not bool(flag):
         raise NumericsError(f"the model produced non-finite logits during {what}; the weights or the dtype are "
                             f"wrong (try dtype='fp32' to confirm, or check the checkpoint for NaN/Inf)")

@@ -28,7 +28,7 @@ from fastdllm_kernels.linear.dispatch import linear
 from fastdllm_kernels.rms_norm.kernel import add_rms_norm, rms_norm
 from fastdllm_kernels.rope.kernel import rope_write
 from fastdllm_kernels.rope.reference import rope_ref
-from fastdllm_kernels.select.kernel import logit_stats
+from fastdllm_kernels.select.kernel import choice_stats
 from fastdllm_kernels.swiglu.kernel import swiglu
 
 from .batch import Kind
@@ -94,8 +94,10 @@ class TritonOps:
     def rope(self, q, k, cos, sin):                 # dense (training/reference) path only
         return rope_ref(q, cos, sin), rope_ref(k, cos, sin)
 
-    def logit_stats(self, logits):
-        return logit_stats(logits)
+    def choice_stats(self, logits):
+        """The sampler's greedy confidence, argmax and finiteness, packed [3, N] float64: one split pass over
+        the vocabulary (kernels/select), not PyTorch's one-SM-per-row softmax."""
+        return choice_stats(logits)
 
     def prepare(self, model, batch, groups, T) -> AttnContext:
         ctx = AttnContext(model, batch, groups, T)

@@ -87,7 +87,7 @@ class Sampler:
                 active.append(row)
             requests = [self._request(engine, row) for row in active]
             logits, batch = engine.run(requests)
-            greedy = _greedy_choice(logits)
+            greedy = _greedy_choice(logits, rt.model.ops)
             for row, req, (_, lo, hi) in zip(active, requests, batch.logits_rows):
                 self._advance(engine, row, req, logits[lo:hi], greedy[0][lo:hi], greedy[1][lo:hi])
             for row in [r for r in active if r.phase == "done"]:
@@ -242,16 +242,17 @@ class Sampler:
         return g
 
 
-def _greedy_choice(logits: torch.Tensor):
-    """Confidence and argmax of every logits row, as the original's temperature-0 path computes them (softmax,
-    then max), moved to the host in one copy."""
+def _greedy_choice(logits: torch.Tensor, ops):
+    """Confidence and argmax of every logits row, as the original's temperature-0 path defines them (the
+    largest softmax probability and its index), moved to the host with their finiteness in one copy - the
+    host waits for the GPU once per step. The backend computes them (``ops.choice_stats``): the torch backend
+    as the original (softmax, then max), the triton backend in one split pass over the vocabulary - PyTorch's
+    softmax and max over 152k columns took ~250 us a step with the GPU otherwise idle (bench/sampler_host.py)."""
     if logits.numel() == 0:
         return torch.empty(0), torch.empty(0, dtype=torch.long)
-    probs = torch.softmax(logits, dim=-1)
-    conf, x0 = probs.max(dim=-1)
-    check_finite(torch.isfinite(conf).all(), "sampling")
-    both = torch.stack([conf.double(), x0.double()]).cpu()
-    return both[0], both[1].long()
+    host = ops.choice_stats(logits).cpu()
+    check_finite(bool(host[2].all()), "sampling")
+    return host[0], host[1].long()
 
 
 def _sample_top_p(logits, temperature, top_p, generator):

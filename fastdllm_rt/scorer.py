@@ -71,8 +71,9 @@ def _gather_logp(logits, pairs):
     toks = torch.tensor([t for _, t in pairs], device=dev)
     sel = logits[rows]
     logp = sel.gather(-1, toks[:, None]).squeeze(-1) - torch.logsumexp(sel, dim=-1)
-    check_finite(torch.isfinite(logp).all(), "scoring")
-    host = torch.stack([logp.double(), (sel.argmax(-1) == toks).double()]).cpu()
+    # one copy to the host with the finiteness flag: the host waits for the GPU once per step
+    host = torch.stack([logp.double(), (sel.argmax(-1) == toks).double(), torch.isfinite(logp).double()]).cpu()
+    check_finite(bool(host[2].all()), "scoring")
     return host[0].tolist(), [bool(x) for x in host[1].tolist()]
 
 

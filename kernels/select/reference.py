@@ -8,3 +8,11 @@ def logit_stats_ref(logits: torch.Tensor):
     x = logits.float()
     mx, idx = x.max(dim=-1)
     return mx, idx, torch.logsumexp(x, dim=-1)
+
+
+def choice_stats_ref(logits: torch.Tensor) -> torch.Tensor:
+    """The original sampler's greedy confidence (spec §3.2: softmax, then max) packed as ``kernel.choice_stats``
+    returns it: float64 [3, N] of the largest probability, its index (first on ties), and 1.0 where the
+    probability is finite."""
+    conf, idx = torch.softmax(logits.float(), dim=-1).max(dim=-1)
+    return torch.stack([conf.double(), idx.double(), torch.isfinite(conf).double()])

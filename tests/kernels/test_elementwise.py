@@ -8,8 +8,8 @@ from fastdllm_kernels.rms_norm.kernel import add_rms_norm, rms_norm
 from fastdllm_kernels.rms_norm.reference import add_rms_norm_ref, rms_norm_ref, row_rstd_ref
 from fastdllm_kernels.rope.kernel import rope_write
 from fastdllm_kernels.rope.reference import finish_projection_ref, rope_ref, rope_tables
-from fastdllm_kernels.select.kernel import logit_stats
-from fastdllm_kernels.select.reference import logit_stats_ref
+from fastdllm_kernels.select.kernel import choice_stats, logit_stats
+from fastdllm_kernels.select.reference import choice_stats_ref, logit_stats_ref
 from fastdllm_kernels.swiglu.kernel import swiglu
 from fastdllm_kernels.swiglu.reference import swiglu_ref
 
@@ -109,6 +109,29 @@ def test_logit_stats(N, V):
     assert torch.equal(idx, ridx)
     torch.testing.assert_close(mx, rmx)
     torch.testing.assert_close(lse, rlse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("N, V", [(1, 100), (8, 5000), (9, 152064)])
+def test_choice_stats_is_the_softmax_max_and_flags_non_finite_rows(N, V):
+    """The sampler's greedy choice: the largest softmax probability and its first index, as the original's
+    softmax-then-max; a row holding NaN or +inf, or only -inf, is flagged (its probability is not finite)."""
+    x = torch.randn(N, V, device=DEVICE) * 4
+    x[0, V // 3] = x[0, 2 * V // 3] = 100.0              # a tie: the first index wins
+    if N > 1:
+        x[1, V - 1] = 30.0                               # the max in the last (partial) chunk
+    if N > 4:
+        x[2, V // 2] = float("nan")
+        x[3, 7] = float("inf")
+        x[4] = float("-inf")
+    got, ref = choice_stats(x), choice_stats_ref(x)
+    assert got.dtype == torch.float64 and got.shape == (3, N)
+    assert torch.equal(got[2], ref[2]), (got[2], ref[2])
+    finite = ref[2] == 1
+    assert torch.equal(got[1][finite], ref[1][finite])
+    # against the exact value (fp64): the fp32 reference's own error over 152k terms on the CPU is ~3e-5
+    exact = torch.softmax(x.double(), dim=-1).max(dim=-1).values
+    torch.testing.assert_close(got[0][finite], exact[finite], rtol=2e-6, atol=1e-9)
+    torch.testing.assert_close(ref[0][finite], exact[finite], rtol=1e-4, atol=1e-9)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

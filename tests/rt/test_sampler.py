@@ -103,3 +103,19 @@ def test_empty_and_out_of_vocabulary_prompts_are_rejected(pair):
         rt.generate([[1, 2], []], max_new_tokens=4)
     with pytest.raises(fastdllm_rt.InputError, match="outside the vocabulary"):
         rt.generate([[1, 600]], max_new_tokens=4)
+
+
+def test_non_finite_logits_stop_generation_and_scoring_with_the_cause(tiny28):
+    """A checkpoint holding NaN gives non-finite logits: generate and score raise NumericsError naming the
+    cause (not tokens chosen from NaN probabilities)."""
+    import torch
+
+    from fastdllm_rt.errors import NumericsError
+
+    rt = fastdllm_rt.load(tiny28, **TINY_IDS)
+    with torch.no_grad():
+        rt.model.norm.weight[3] = float("nan")
+    with pytest.raises(NumericsError, match="non-finite logits during sampling.*dtype='fp32'"):
+        rt.generate([prompt(40, 2)], max_new_tokens=8)
+    with pytest.raises(NumericsError, match="non-finite logits during scoring"):
+        rt.score([(prompt(40, 2), [1, 2, 3])])
