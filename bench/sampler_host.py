@@ -48,9 +48,9 @@ def main():
         marks["run_enter"].append(time.perf_counter())
         return real_run(self, requests)
 
-    def choice(logits):
+    def choice(*args):
         marks["choice_enter"].append(time.perf_counter())
-        out = real_choice(logits)
+        out = real_choice(*args)
         marks["choice_exit"].append(time.perf_counter())
         ev = torch.cuda.Event(enable_timing=True)
         ev.record()
