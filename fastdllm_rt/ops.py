@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from fastdllm_kernels.linear.reference import fused_linear_ref
 from fastdllm_kernels.rms_norm.reference import add_rms_norm_ref, rms_norm_ref
 from fastdllm_kernels.rope.reference import rope_ref
-from fastdllm_kernels.select.reference import choice_stats_ref
+from fastdllm_kernels.select.reference import choice_stats_ref, token_logp_ref
 from fastdllm_kernels.swiglu.reference import swiglu_ref
 
 BACKENDS = ("torch", "triton")
@@ -97,6 +97,10 @@ class TorchOps:
         """The sampler's greedy confidence, argmax and finiteness, packed [3, N] float64 (the original's
         softmax-then-max, exactly)."""
         return choice_stats_ref(logits)
+
+    def token_logp(self, logits, tokens):
+        """The scorer's log p(token), is-argmax and finiteness per row, packed [3, N] float64."""
+        return token_logp_ref(logits, tokens)
 
     # the layer's matmuls with what surrounds them, composed exactly as the HF layer rounds (the reference of
     # the triton backend's fused linears)

@@ -28,7 +28,7 @@ from fastdllm_kernels.linear.dispatch import linear
 from fastdllm_kernels.rms_norm.kernel import add_rms_norm, rms_norm
 from fastdllm_kernels.rope.kernel import rope_write
 from fastdllm_kernels.rope.reference import rope_ref
-from fastdllm_kernels.select.kernel import choice_stats
+from fastdllm_kernels.select.kernel import choice_stats, token_logp
 from fastdllm_kernels.swiglu.kernel import swiglu
 
 from .batch import Kind
@@ -98,6 +98,11 @@ class TritonOps:
         """The sampler's greedy confidence, argmax and finiteness, packed [3, N] float64: one split pass over
         the vocabulary (kernels/select), not PyTorch's one-SM-per-row softmax."""
         return choice_stats(logits)
+
+    def token_logp(self, logits, tokens):
+        """The scorer's log p(token), is-argmax and finiteness per row, packed [3, N] float64 (the row's
+        log-sum-exp and argmax from the same split pass)."""
+        return token_logp(logits, tokens)
 
     def prepare(self, model, batch, groups, T) -> AttnContext:
         ctx = AttnContext(model, batch, groups, T)

@@ -62,17 +62,15 @@ class _Chunk:
         return cont[pos - len(ctx)]
 
 
-def _gather_logp(logits, pairs):
-    """pairs: [(logits row, token)] -> host lists (log p, is argmax)."""
+def _gather_logp(logits, pairs, ops):
+    """pairs: [(logits row, token)] -> host lists (log p, is argmax). The backend computes them with their
+    finiteness (``ops.token_logp``), copied to the host in one transfer: the host waits for the GPU once a step."""
     if not pairs:
         return [], []
     dev = logits.device
     rows = torch.tensor([r for r, _ in pairs], device=dev)
     toks = torch.tensor([t for _, t in pairs], device=dev)
-    sel = logits[rows]
-    logp = sel.gather(-1, toks[:, None]).squeeze(-1) - torch.logsumexp(sel, dim=-1)
-    # one copy to the host with the finiteness flag: the host waits for the GPU once per step
-    host = torch.stack([logp.double(), (sel.argmax(-1) == toks).double(), torch.isfinite(logp).double()]).cpu()
+    host = ops.token_logp(logits[rows], toks).cpu()
     check_finite(bool(host[2].all()), "scoring")
     return host[0].tolist(), [bool(x) for x in host[1].tolist()]
 
@@ -107,7 +105,7 @@ class TrajectoryScorer:
                             mine.append((i, pos, len(pairs)))
                             pairs.append((lo + j, chunk.token_at(i, pos)))
                 where.append(mine)
-            logp, argmax = _gather_logp(logits, pairs)
+            logp, argmax = _gather_logp(logits, pairs, self.engine.model.ops)
             nodes = [child for node, (req, positions), mine in zip(nodes, plans, where)
                      for child in self._advance(node, req, positions, [(i, p, logp[k], argmax[k]) for i, p, k in mine])]
 
@@ -247,7 +245,7 @@ class FirstTokenScorer:
         for (_, members), (_, lo, _) in zip(rows.items(), batch.logits_rows):
             for i in members:
                 pairs.append((lo, chunk.requests[i][1][0]))
-        logp, argmax = _gather_logp(logits, pairs)
+        logp, argmax = _gather_logp(logits, pairs, self.engine.model.ops)
         k = 0
         for members in rows.values():
             for i in members:

@@ -9,7 +9,8 @@ merges a row's chunks.
 
 ``choice_stats`` packs what the sampler needs into one float64 [3, N] tensor - the largest softmax probability
 1 / sum(exp(x - max)), the first column holding the max, and whether both are finite - so the host copies it
-in one transfer."""
+in one transfer; ``token_logp`` packs what the scorer needs the same way (log p of a given token, whether it is
+the argmax, whether finite)."""
 import torch
 import triton
 import triton.language as tl
@@ -107,3 +108,11 @@ def choice_stats(logits: torch.Tensor) -> torch.Tensor:
     if N:
         logit_merge_kernel[(N,)](m, s, i, m, i, m, out, N, S, S_P2=triton.next_power_of_2(S), CHOICE=True)
     return out
+
+
+def token_logp(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """float64 [3, N]: log p(tokens[i]) under row i's softmax, 1.0 where tokens[i] is the row's first argmax,
+    and 1.0 where the log-probability is finite; see ``reference.token_logp_ref``."""
+    mx, idx, lse = logit_stats(logits)
+    logp = logits.gather(-1, tokens[:, None]).squeeze(-1).float() - lse
+    return torch.stack([logp.double(), (idx == tokens).double(), torch.isfinite(logp).double()])

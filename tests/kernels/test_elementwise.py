@@ -8,8 +8,8 @@ from fastdllm_kernels.rms_norm.kernel import add_rms_norm, rms_norm
 from fastdllm_kernels.rms_norm.reference import add_rms_norm_ref, rms_norm_ref, row_rstd_ref
 from fastdllm_kernels.rope.kernel import rope_write
 from fastdllm_kernels.rope.reference import finish_projection_ref, rope_ref, rope_tables
-from fastdllm_kernels.select.kernel import choice_stats, logit_stats
-from fastdllm_kernels.select.reference import choice_stats_ref, logit_stats_ref
+from fastdllm_kernels.select.kernel import choice_stats, logit_stats, token_logp
+from fastdllm_kernels.select.reference import choice_stats_ref, logit_stats_ref, token_logp_ref
 from fastdllm_kernels.swiglu.kernel import swiglu
 from fastdllm_kernels.swiglu.reference import swiglu_ref
 
@@ -132,6 +132,25 @@ def test_choice_stats_is_the_softmax_max_and_flags_non_finite_rows(N, V):
     exact = torch.softmax(x.double(), dim=-1).max(dim=-1).values
     torch.testing.assert_close(got[0][finite], exact[finite], rtol=2e-6, atol=1e-9)
     torch.testing.assert_close(ref[0][finite], exact[finite], rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("N, V", [(1, 100), (9, 152064)])
+def test_token_logp_matches_the_reference_and_flags_non_finite_rows(N, V):
+    """The scorer's log p(token), whether the token is the row's (first) argmax, and finiteness."""
+    x = torch.randn(N, V, device=DEVICE) * 4
+    tokens = torch.randint(0, V, (N,), device=DEVICE)
+    x[0, V // 3] = x[0, 2 * V // 3] = 100.0              # a tie: only the first index is the argmax
+    tokens[0] = 2 * V // 3
+    if N > 2:
+        tokens[1] = int(x[1].argmax())
+        x[2, 5] = float("nan")
+    got, ref = token_logp(x, tokens), token_logp_ref(x, tokens)
+    assert got.dtype == torch.float64 and got.shape == (3, N)
+    assert torch.equal(got[2], ref[2]) and torch.equal(got[1], ref[1]), (got[1:], ref[1:])
+    assert got[1, 0] == 0 and (N < 3 or got[1, 1] == 1)
+    finite = ref[2] == 1
+    exact = torch.log_softmax(x.double(), dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+    torch.testing.assert_close(got[0][finite], exact[finite], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
