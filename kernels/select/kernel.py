@@ -2,8 +2,8 @@
 
 A decode step has few logits rows (8 per sequence) of ~152k columns. One program per row - PyTorch's softmax
 and reductions at this shape, and this module's first version - streams 600 KB through a single SM one load
-latency at a time: ~250 us between the end of a 7B step's forward and its choice on the host (device run 68,
-bench/sampler_host.py), 4 % of a batch-1 step spent with the GPU idle. Here each row is split into chunks of
+latency at a time: 170-320 us between the end of a step's forward and its choice on the host (device runs 67-70,
+bench/sampler_host.py), 3-5 % of a 7B batch-1 step with the GPU idle. Here each row is split into chunks of
 ``CHUNK`` columns, one program each (an online softmax per lane, as in flash attention), and a second kernel
 merges a row's chunks.
 
