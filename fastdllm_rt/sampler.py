@@ -247,7 +247,7 @@ def _greedy_choice(logits: torch.Tensor, ops):
     largest softmax probability and its index), moved to the host with their finiteness in one copy - the
     host waits for the GPU once per step. The backend computes them (``ops.choice_stats``): the torch backend
     as the original (softmax, then max), the triton backend in one split pass over the vocabulary - PyTorch's
-    softmax and max over 152k columns took ~250 us a step with the GPU otherwise idle (bench/sampler_host.py)."""
+    softmax and max over 152k columns took 170-320 us a step with the GPU otherwise idle (bench/sampler_host.py)."""
     if logits.numel() == 0:
         return torch.empty(0), torch.empty(0, dtype=torch.long)
     host = ops.choice_stats(logits).cpu()
