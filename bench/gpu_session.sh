@@ -14,6 +14,8 @@ TAILN=10 step python3 bench/step_profile.py --shape 7B
 # --no-write: measure against the committed kernels/linear/tuned.json (drop it to retune for this GPU)
 TAILN=24 step python3 bench/linear_sweep.py --no-write
 TAILN=6 step python3 bench/e2e.py --shape 7B --batches 1,8,32 --hf-tokens 64
+TAILN=3 step python3 bench/sampler_host.py --shape 1.5B
+TAILN=6 step python3 bench/l2_warm.py
 TAILN=8 step python3 bench/scoring.py --shapes 7B,1.5B --questions 512 --orig-questions 16
 # one local task end to end through lm-eval on the GPU, CUDA-event timing, summary.json kept
 TAILN=10 step python3 -m evalbridge --model_args model=fastdllm_rt/small_model,use_block_cache=True \
