@@ -4,8 +4,8 @@ A decode step has few logits rows (8 per sequence) of ~152k columns. One program
 and reductions at this shape, and this module's first version - streams 600 KB through a single SM one load
 latency at a time: 170-320 us between the end of a step's forward and its choice on the host (device runs 67-70,
 bench/sampler_host.py), 3-5 % of a 7B batch-1 step with the GPU idle. Here each row is split into chunks of
-``CHUNK`` columns, one program each (an online softmax per lane, as in flash attention), and a second kernel
-merges a row's chunks.
+``CHUNK`` columns, one program each loading its chunk at once, and a second kernel merges a row's chunks
+(online-softmax style: each chunk's sum of exp(x - its max) rescaled to the row's max).
 
 ``choice_stats`` packs what the sampler needs into one float64 [3, N] tensor - the largest softmax probability
 1 / sum(exp(x - max)), the first column holding the max, and whether both are finite - so the host copies it
@@ -19,35 +19,24 @@ CHUNK = 4096
 
 
 @triton.jit
-def logit_partials_kernel(p_x, p_m, p_s, p_i, stride_x, V, S, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """Columns [c * CHUNK, (c + 1) * CHUNK) of row r: their max, sum of exp(x - max) and first argmax."""
+def logit_partials_kernel(p_x, p_m, p_s, p_i, stride_x, V, S, CHUNK: tl.constexpr):
+    """Columns [c * CHUNK, (c + 1) * CHUNK) of row r, loaded at once (one memory latency): their max, sum of
+    exp(x - max) and first argmax."""
     r = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
-    offs = tl.arange(0, BLOCK)
-    b_m = tl.full([BLOCK], float("-inf"), tl.float32)        # running max per lane
-    b_s = tl.zeros([BLOCK], tl.float32)                      # running sum of exp(x - m) per lane
-    b_i = tl.zeros([BLOCK], tl.int64)                        # first index of the lane max
-    for start in range(c * CHUNK, (c + 1) * CHUNK, BLOCK):
-        col = start + offs
-        b_x = tl.load(p_x + r * stride_x + col, mask=col < V, other=float("-inf")).to(tl.float32)
-        better = b_x > b_m
-        new_m = tl.maximum(b_m, b_x)
-        safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)   # lanes that saw only -inf so far
-        b_s = b_s * tl.exp(b_m - safe_m) + tl.exp(b_x - safe_m)
-        b_i = tl.where(better, col.to(tl.int64), b_i)
-        b_m = new_m
-    m = tl.max(b_m, axis=0)
-    safe = tl.where(m == float("-inf"), 0.0, m)
-    s = tl.sum(b_s * tl.exp(b_m - safe), axis=0)
-    # the first column holding the maximum: smallest index among lanes whose max equals m
-    big = tl.full([BLOCK], 9223372036854775807, tl.int64)
-    idx = tl.min(tl.where(b_m == m, b_i, big), axis=0)
+    col = c * CHUNK + tl.arange(0, CHUNK)
+    b_x = tl.load(p_x + r * stride_x + col, mask=col < V, other=float("-inf")).to(tl.float32)
+    m = tl.max(b_x, axis=0)
+    safe = tl.where(m == float("-inf"), 0.0, m)                 # a chunk of -inf only: sum 0, not NaN
+    s = tl.sum(tl.exp(b_x - safe), axis=0)
+    idx = tl.min(tl.where(b_x == m, col, 2147483647), axis=0)  # the first column holding the maximum
     tl.store(p_m + r * S + c, m)
     tl.store(p_s + r * S + c, s)
-    tl.store(p_i + r * S + c, idx)
+    tl.store(p_i + r * S + c, idx.to(tl.int64))
 
 
-@triton.jit
+# the row count changes from step to step: keep it unspecialised so that a new batch size compiles nothing
+@triton.jit(do_not_specialize=["N"])
 def logit_merge_kernel(p_m, p_s, p_i, p_mx, p_idx, p_lse, p_choice, N, S, S_P2: tl.constexpr,
                        CHOICE: tl.constexpr):
     """Merge row r's S chunk statistics: (max, argmax, lse), or under CHOICE the packed greedy choice."""
@@ -82,8 +71,7 @@ def _partials(logits: torch.Tensor):
     s = torch.empty(N, S, dtype=torch.float32, device=logits.device)
     i = torch.empty(N, S, dtype=torch.int64, device=logits.device)
     if N:
-        logit_partials_kernel[(N, S)](logits, m, s, i, logits.stride(0), V, S, CHUNK=CHUNK, BLOCK=1024,
-                                      num_warps=4)
+        logit_partials_kernel[(N, S)](logits, m, s, i, logits.stride(0), V, S, CHUNK=CHUNK, num_warps=8)
     return m, s, i, S
 
 
