@@ -98,16 +98,18 @@ def main():
                  model_calls=st.model_calls, outside_ms_per_call=outside_ms / st.model_calls,
                  gap_after_choice_us_median=med(gaps), gap_after_choice_us_sum_ms=sum(gaps) / 1e3,
                  greedy_choice_us_median=med(choice), gpu_forward_end_to_choice_us_median=med(after_fwd),
-                 gpu_forward_end_to_choice_ms_sum=sum(after_fwd) / 1e3, gpu_choice_to_next_forward_us_median=med(to_next),
+                 gpu_forward_end_to_choice_ms_sum=sum(after_fwd) / 1e3,
+                 gpu_choice_to_next_forward_us_median=med(to_next),
                  gpu_choice_to_next_forward_ms_sum=sum(to_next) / 1e3, command=command)
     print(f"forwards {row['model_calls']}, wall {wall * 1e3:.1f} ms, outside forwards {outside_ms:.1f} ms "
           f"({row['outside_forwards']:.3f}; {row['outside_ms_per_call'] * 1e3:.0f} us a forward); host gap after "
-          f"the choice: median {row['gap_after_choice_us_median']:.0f} us, sum {row['gap_after_choice_us_sum_ms']:.1f} ms; "
+          f"the choice: median {row['gap_after_choice_us_median']:.0f} us, "
+          f"sum {row['gap_after_choice_us_sum_ms']:.1f} ms; "
           f"_greedy_choice (waits for the forward): median {row['greedy_choice_us_median']:.0f} us")
-    print(f"GPU clock: forward end -> choice on the host: median {row['gpu_forward_end_to_choice_us_median']:.0f} us, "
-          f"sum {row['gpu_forward_end_to_choice_ms_sum']:.1f} ms; choice -> next forward: median "
-          f"{row['gpu_choice_to_next_forward_us_median']:.0f} us, sum {row['gpu_choice_to_next_forward_ms_sum']:.1f} ms")
-
+    print(f"GPU clock: forward end -> choice on the host: median {row['gpu_forward_end_to_choice_us_median']:.0f} "
+          f"us, sum {row['gpu_forward_end_to_choice_ms_sum']:.1f} ms; choice -> next forward: median "
+          f"{row['gpu_choice_to_next_forward_us_median']:.0f} us, "
+          f"sum {row['gpu_choice_to_next_forward_ms_sum']:.1f} ms")
 
 if __name__ == "__main__":
     main()

@@ -53,7 +53,8 @@ def logit_merge_kernel(p_m, p_s, p_i, p_mx, p_idx, p_lse, p_choice, N, S, S_P2: 
     idx = tl.min(tl.where(ok & (b_m == m), b_i, big), axis=0)       # chunks are in column order
     if CHOICE:
         conf = 1.0 / s                                               # softmax at the argmax: exp(0) / sum
-        finite = (conf == conf) & (tl.abs(conf) < float("inf")) & (m == m) & (tl.abs(m) < float("inf"))
+        # a NaN or +inf logit makes the sum NaN, a row of -inf only makes it 0: either leaves conf non-finite
+        finite = (conf == conf) & (tl.abs(conf) < float("inf"))
         tl.store(p_choice + r, conf.to(tl.float64))
         tl.store(p_choice + N + r, idx.to(tl.float64))
         tl.store(p_choice + 2 * N + r, tl.where(finite, 1.0, 0.0).to(tl.float64))

@@ -21,8 +21,8 @@ import sys
 
 import torch
 
-_PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.float64: "*fp64", torch.int32: "*i32",
-        torch.int64: "*i64", torch.bool: "*i1", torch.uint8: "*u8"}
+_PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.float64: "*fp64",
+        torch.int32: "*i32", torch.int64: "*i64", torch.bool: "*i1", torch.uint8: "*u8"}
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "launch_pdl", "grid", "warmup")
 
 
