@@ -12,7 +12,12 @@ in the 50 MB L2 and time faster than the HBM floor). The fastest strategy and co
 ``bench/results/linear_sweep.jsonl``, with each strategy's best time, cuBLAS's time for the bare matmul (no
 norm, no epilogue) and the floor (weight bytes at the measured copy bandwidth).
 
-    python bench/linear_sweep.py [--shapes 7B,1.5B] [--tokens 8,32] [--projections qkv,gate_up] [--no-write]
+``qkv_rope`` (not in the default list) times the QKV projection with the RoPE kernel's work in its epilogue
+(``kernels/linear/qkv_rope.py``: row scale, bias, rotation, block-cache write) over its candidate tilings
+against the separate path the runtime otherwise runs (``linear`` - the table's QKV strategy - then the RoPE
+kernel), and tables the faster under the shape's ``rope`` key.
+
+    python bench/linear_sweep.py [--shapes 7B,1.5B] [--tokens 8,32] [--projections qkv,gate_up,qkv_rope] [--no-write]
 """
 import argparse
 import json
@@ -26,7 +31,7 @@ from common import DEVICE, SHAPES, copy_bandwidth_gbs, graph_time, record
 
 from fastdllm_kernels.launch import pdl_enabled
 from fastdllm_kernels.linear import configs
-from fastdllm_kernels.linear.configs import LinearConfig, m_bucket, shape_key
+from fastdllm_kernels.linear.configs import LinearConfig, m_bucket, qkv_rope_key, shape_key
 from fastdllm_kernels.linear.dispatch import linear
 from fastdllm_kernels.linear.reference import fused_linear_ref
 
@@ -35,7 +40,7 @@ def projections(f: dict) -> dict:
     d, inter, V = f["hidden_size"], f["intermediate_size"], f["vocab_size"]
     hd = d // f["num_attention_heads"]
     q, kv = f["num_attention_heads"] * hd, f["num_key_value_heads"] * hd
-    return {"qkv": dict(N=q + 2 * kv, K=d), "o": dict(N=d, K=q, residual=True),
+    return {"qkv": dict(N=q + 2 * kv, K=d), "qkv_rope": dict(N=q + 2 * kv, K=d), "o": dict(N=d, K=q, residual=True),
             "gate_up": dict(N=inter, K=d, row_rms=True, swiglu=True), "down": dict(N=d, K=inter, residual=True),
             "head": dict(N=V, K=d, norm=True, fp32=True)}
 
@@ -56,6 +61,77 @@ def candidates(M: int, N: int, K: int, swiglu: bool, num_sms: int):
             yield LinearConfig(bm, bn, bk, split, warps, stages)
 
 
+def qkv_rope_candidates(M: int, N: int, K: int, head_dim: int, num_sms: int):
+    """Tilings of the fused QKV + RoPE kernel: BLOCK_N column pairs (so 2 BLOCK_N weight rows) a program, a
+    divisor of half the head width."""
+    bm = m_bucket(M)
+    for bn in (16, 32, 64):
+        if (head_dim // 2) % bn:
+            continue
+        for bk in (64, 128, 256):
+            stage_bytes = (2 * bn + bm) * bk * 2
+            stages = max(2, min(6, (128 << 10) // stage_bytes))
+            tiles = N // (2 * bn) * triton.cdiv(M, bm)
+            for split in (1, 2, 3, 4, 6, 8, 12):
+                if split > 1 and (K // split < 2 * bk or tiles * split > 16 * num_sms):
+                    continue
+                yield LinearConfig(bm, bn, bk, split, 8 if 2 * bn * bk >= 128 * 256 else 4, stages)
+
+
+def sweep_qkv_rope(shape: str, f: dict, M: int, rot, num_sms: int, g) -> tuple[dict, dict]:
+    """Best fused tiling against the separate path at M tokens (block-cache writes at a 2k prefix, as the
+    full-block and sub-block steps write); returns (table entry, measurement)."""
+    from fastdllm_kernels.linear.qkv_rope import qkv_rope_write
+    from fastdllm_kernels.linear.reference import qkv_rope_write_ref
+    from fastdllm_kernels.rope.kernel import rope_write
+    from fastdllm_kernels.rope.reference import rope_tables
+
+    hq, hkv, K = f["num_attention_heads"], f["num_key_value_heads"], f["hidden_size"]
+    D = K // hq
+    N = (hq + 2 * hkv) * D
+    x = torch.randn(M, K, device=DEVICE, generator=g).to(torch.bfloat16)
+    b = (0.1 * torch.randn(N, device=DEVICE, generator=g)).to(torch.bfloat16)
+    cos, sin = rope_tables(4096, D, f["rope_theta"], torch.bfloat16, DEVICE)
+    pos = 2048 + torch.arange(M, device=DEVICE)
+    dest = torch.full((M,), 2, dtype=torch.int32, device=DEVICE)
+    slots = torch.zeros(M, dtype=torch.long, device=DEVICE)
+    caches = [torch.zeros(1, hkv, n, D, device=DEVICE, dtype=torch.bfloat16) for n in (4096, 4096, 32, 32)]
+
+    def separate(w_):
+        q, k, v = linear(x, w_).split([hq * D, hkv * D, hkv * D], dim=-1)
+        rope_write(q.view(M, hq, D), k.view(M, hkv, D), v.view(M, hkv, D), cos, sin, pos, dest, slots, *caches,
+                   norm_input=x, bias=b, eps=1e-6)
+
+    best = {"separate": (graph_time(lambda: rot(separate), reps=20, iters=10)["p50_ms"], None)}
+    for cfg in qkv_rope_candidates(M, N, K, D, num_sms):
+        fn = lambda: rot(lambda w_: qkv_rope_write(x, w_, b, 1e-6, hq, hkv, cos, sin, pos, dest, slots,  # noqa: E731
+                                                   *caches, config=cfg))
+        try:
+            ms = graph_time(fn, reps=20, iters=10)["p50_ms"]
+        except Exception as e:  # noqa: BLE001 - a tiling this GPU cannot run (shared memory)
+            print(f"  skip fused {cfg}: {type(e).__name__}")
+            continue
+        if ms < best.get("fused", (float("inf"),))[0]:
+            best["fused"] = (ms, cfg)
+    raw = torch.randn(M, N, device=DEVICE, generator=g).to(torch.bfloat16)
+    qkv = [t.view(M, -1, D) for t in raw.split([hq * D, hkv * D, hkv * D], dim=-1)]
+    rope_alone = graph_time(lambda: rope_write(*qkv, cos, sin, pos, dest, slots, *caches, norm_input=x, bias=b,
+                                               eps=1e-6), reps=20, iters=10)["p50_ms"]
+    strategy = min(best, key=lambda k: best[k][0])
+    w = rot.ws[0]
+    got = qkv_rope_write(x, w, b, 1e-6, hq, hkv, cos, sin, pos, dest, slots, *caches, config=best["fused"][1])
+    ref = qkv_rope_write_ref(x.float(), w.float(), b.float(), 1e-6, hq, hkv, cos.float(), sin.float(), pos, dest,
+                             slots, *(c.float() for c in caches))
+    rel = float((got.float() - ref).norm() / ref.norm())
+    assert rel < 1e-2, f"{shape} qkv_rope M={M}: relative error {rel:.2e} against fp32"
+    cfg = best[strategy][1]
+    entry = {"strategy": strategy, "config": cfg and cfg.to_json()}
+    return entry, dict(ours_ms=best[strategy][0], strategy=strategy, strategy_ms={k: v[0] for k, v in best.items()},
+                       fused_config=best["fused"][1].to_json(), rope_kernel_ms=rope_alone, N=N, K=K,
+                       weight_bytes=w.numel() * 2, rel_err_vs_fp32=rel, candidates=len(list(
+                           qkv_rope_candidates(M, N, K, D, num_sms))))
+
+
 class Rotating:
     """Calls ``fn(weight)`` on the next of several weight copies (together > 3x the L2 cache, at most 20)."""
 
@@ -73,7 +149,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="7B,1.5B")
     ap.add_argument("--tokens", default="8,32")
-    ap.add_argument("--projections", default="qkv,o,gate_up,down,head")
+    ap.add_argument("--projections", default="qkv,o,gate_up,down,head,qkv_rope")
     ap.add_argument("--no-write", action="store_true", help="do not update kernels/linear/tuned.json")
     args = ap.parse_args()
     command = "python bench/linear_sweep.py --shapes {} --tokens {} --projections {}".format(
@@ -103,6 +179,23 @@ def main():
                 kw.update(row_rms=True, eps=1e-6)
             floor_ms = w.numel() * 2 / (bw * 1e9) * 1e3
             rot = Rotating(w, l2)
+            if name == "qkv_rope":
+                for M in (int(t) for t in args.tokens.split(",")):
+                    entry, m = sweep_qkv_rope(shape, f, M, rot, num_sms, g)
+                    tuned[qkv_rope_key(M, N, K)] = entry
+                    x = torch.randn(M, K, device=DEVICE, generator=g).to(torch.bfloat16)
+                    cublas = graph_time(lambda: rot(lambda w_: F.linear(x, w_)))["p50_ms"]
+                    rows.append(record("linear_sweep", model=shape, projection=name, tokens=M, **m,
+                                       cublas_matmul_ms=cublas, floor_ms=floor_ms,
+                                       ours_TBps=w.numel() * 2 / m["ours_ms"] / 1e9,
+                                       cublas_TBps=w.numel() * 2 / cublas / 1e9, copy_GBps=bw,
+                                       config=entry["config"], pdl=pdl_enabled(x.device), command=command))
+                    print(f"{shape:4} qkv_rope M={M:2d} "
+                          + "  ".join(f"{k} {v * 1e3:.1f}" for k, v in m["strategy_ms"].items())
+                          + f"  (RoPE kernel alone {m['rope_kernel_ms'] * 1e3:.1f}, cublas-matmul {cublas * 1e3:.1f},"
+                          f" floor {floor_ms * 1e3:.1f} us)  {m['fused_config']}  ({time.time() - t_start:.0f}s)",
+                          flush=True)
+                continue
             for M in (int(t) for t in args.tokens.split(",")):
                 x = torch.randn(M, K, device=DEVICE, generator=g).to(torch.bfloat16)
                 call = dict(kw)

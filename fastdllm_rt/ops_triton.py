@@ -11,6 +11,9 @@ the strategy measured fastest on the GPU:
 ``fused_linear`` kernels that stream the weight once with SwiGLU and the residual adds in their epilogues,
 or cuBLAS), so a layer is QKV, one RoPE + KV-cache-write kernel, attention (decode kernel for full-block,
 sub-block and commit rows; block-causal kernel for windows that span blocks), O, gate/up (+ SwiGLU), down.
+Where the table says so (``pick_qkv_rope``: on the H100 the 8-token sub-block steps), ``qkv_projection`` only
+defers, and ``attention`` runs the QKV projection with the RoPE kernel's work in its epilogue
+(``fastdllm_kernels.linear.qkv_rope``) - one kernel fewer a layer.
 Larger forwards (prefill, scoring) are compute-bound and use cuBLAS with the same RoPE / SwiGLU kernels and
 cuBLAS's residual-add epilogue.
 
@@ -24,7 +27,9 @@ from typing import NamedTuple
 import torch
 
 from fastdllm_kernels.attention.kernel import decode_attention, prefill_attention
+from fastdllm_kernels.linear.configs import device_name, pick_qkv_rope
 from fastdllm_kernels.linear.dispatch import linear
+from fastdllm_kernels.linear.qkv_rope import qkv_rope_write
 from fastdllm_kernels.rms_norm.kernel import add_rms_norm, rms_norm
 from fastdllm_kernels.rope.kernel import rope_write
 from fastdllm_kernels.rope.reference import rope_ref
@@ -40,11 +45,13 @@ _DEST = {Kind.PLAIN: 0, Kind.PREFILL: 1, Kind.COMMIT: 1, Kind.FULL: 2, Kind.SUB:
 
 class RawQKV(NamedTuple):
     """The QKV projection of the un-normalised layer input, before its row scale and bias (``attention``
-    finishes it inside the RoPE kernel)."""
-    raw: torch.Tensor              # [T, (Hq + 2 Hkv) D]
+    finishes it inside the RoPE kernel) - or, where the projection fuses the RoPE kernel's work (decode
+    steps, ``pick_qkv_rope``), not yet run: ``raw`` is None and ``attention`` runs ``qkv_rope_write``."""
+    raw: torch.Tensor | None       # [T, (Hq + 2 Hkv) D]
     norm_input: torch.Tensor       # [T, hidden]: the rows whose 1/rms scales it
     bias: torch.Tensor | None
     eps: float
+    weight: torch.Tensor | None = None                  # set when ``raw`` is deferred
 
 
 def _require_folded(norm):
@@ -85,6 +92,10 @@ class TritonOps:
 
     def qkv_projection(self, x, norm, proj) -> RawQKV:
         _require_folded(norm)
+        strategy, _ = pick_qkv_rope(x.shape[0], proj.weight.shape[0], x.shape[1], self._num_sms,
+                                    device_name(x.device))
+        if strategy == "fused":
+            return RawQKV(None, x, proj.bias, norm.eps, proj.weight)
         return RawQKV(linear(x, proj.weight, num_sms=self._num_sms), x, proj.bias, norm.eps)
 
     def norm_swiglu(self, x, norm, gate_up_weight):
@@ -122,22 +133,29 @@ class TritonOps:
                 ctx.launch.append(("prefill", g, (g.slots, g.starts, g.cu), max(g.lens)))
         return ctx
 
-    def _dummy_cache(self, k):
-        key = (k.device, k.dtype, k.shape[1], k.shape[2])
+    def _dummy_cache(self, like, n_kv_heads: int, head_dim: int):
+        """A cache that plain forwards (no cache writes, ``dest`` 0) pass to kernels that take one."""
+        key = (like.device, like.dtype, n_kv_heads, head_dim)
         if key not in self._dummy:
-            self._dummy[key] = torch.zeros(1, k.shape[1], 32, k.shape[2], dtype=k.dtype, device=k.device)
+            self._dummy[key] = torch.zeros(1, n_kv_heads, 32, head_dim, dtype=like.dtype, device=like.device)
         return self._dummy[key]
 
     def attention(self, qkv: RawQKV, attn, ctx: AttnContext, caches, layer: int):
-        q, k, v = attn.split_qkv(qkv.raw)
         scale = attn.scale
         if caches is None:
-            pk = pv = bk = bv = self._dummy_cache(k)
+            pk = pv = bk = bv = self._dummy_cache(qkv.norm_input, attn.num_kv_heads, attn.head_dim)
         else:
             pk, pv = caches.prefix_k[layer], caches.prefix_v[layer]
             bk, bv = caches.block_k[layer], caches.block_v[layer]
-        rope_write(q, k, v, ctx.cos_table, ctx.sin_table, ctx.positions, ctx.dest, ctx.slots, pk, pv, bk, bv,
-                   norm_input=qkv.norm_input, bias=qkv.bias, eps=qkv.eps)
+        if qkv.raw is None:                         # one kernel: projection, row scale, bias, RoPE, cache writes
+            finished = qkv_rope_write(qkv.norm_input, qkv.weight, qkv.bias, qkv.eps, attn.num_heads,
+                                      attn.num_kv_heads, ctx.cos_table, ctx.sin_table, ctx.positions, ctx.dest,
+                                      ctx.slots, pk, pv, bk, bv, num_sms=self._num_sms)
+            q, k, v = attn.split_qkv(finished)
+        else:
+            q, k, v = attn.split_qkv(qkv.raw)
+            rope_write(q, k, v, ctx.cos_table, ctx.sin_table, ctx.positions, ctx.dest, ctx.slots, pk, pv, bk, bv,
+                       norm_input=qkv.norm_input, bias=qkv.bias, eps=qkv.eps)
         out = torch.empty_like(q)
         for kind, g, args, n in ctx.launch:
             sl = slice(g.tok_lo, g.tok_hi)

@@ -51,6 +51,11 @@ def shape_key(M: int, N: int, K: int, swiglu: bool) -> str:
     return f"{m_bucket(M)},{N},{K},{int(swiglu)}"
 
 
+def qkv_rope_key(M: int, N: int, K: int) -> str:
+    """The table key of the QKV projection with its RoPE / KV-write epilogue (``qkv_rope.py``)."""
+    return f"{m_bucket(M)},{N},{K},rope"
+
+
 # the GPUs the table was measured on, by compute capability: a GPU of the same generation borrows their entries
 TUNED_ON = {"9.0": "NVIDIA H100 80GB HBM3"}
 
@@ -101,4 +106,31 @@ def pick_config(M: int, N: int, K: int, swiglu: bool = False, num_sms: int = 132
     tiles = triton.cdiv(N, block_n) * triton.cdiv(M, bm)
     max_split = max(1, K // (4 * block_k))
     split_k = max(1, min(max_split, triton.cdiv(2 * num_sms, tiles)))
+    return LinearConfig(bm, block_n, block_k, split_k)
+
+
+QKV_ROPE_STRATEGIES = ("fused", "separate")
+
+
+def pick_qkv_rope(M: int, N: int, K: int, num_sms: int = 132, gpu: str = "cpu",
+                  head_dim: int = 128) -> tuple[str, LinearConfig | None]:
+    """How a decode step's QKV projection and RoPE run: ``fused`` (``qkv_rope_write``, with a configuration) or
+    ``separate`` (``linear`` - cuBLAS on the H100 - then the RoPE kernel), as measured fastest for the shape
+    (``bench/linear_sweep.py --projections qkv_rope``); untuned shapes fuse up to 32 tokens with a derived
+    configuration: 32 column pairs a program (fewer for heads narrower than 64: a head's half-width must divide
+    by the tile) and K splits for about two programs per SM."""
+    if M > FUSED_MAX_TOKENS:
+        return "separate", None
+    tuned = tuned_table().get(gpu, {}).get(qkv_rope_key(M, N, K))
+    if tuned is not None:
+        return tuned["strategy"], tuned.get("config") and LinearConfig(**tuned["config"])
+    if M > 32:
+        return "separate", None
+    return "fused", derived_qkv_rope_config(M, N, K, num_sms, head_dim)
+
+
+def derived_qkv_rope_config(M: int, N: int, K: int, num_sms: int = 132, head_dim: int = 128) -> LinearConfig:
+    bm, block_n, block_k = m_bucket(M), min(32, head_dim // 2), 128
+    tiles = triton.cdiv(N, 2 * block_n) * triton.cdiv(M, bm)
+    split_k = max(1, min(max(1, K // (4 * block_k)), triton.cdiv(2 * num_sms, tiles)))
     return LinearConfig(bm, block_n, block_k, split_k)

@@ -32,16 +32,17 @@ MAX_TILES = 1 << 16
 
 
 @triton.jit
-def _partial_tile(p_x, p_w, p_gamma, rm, rn, m_ok, n_ok, k_lo, K, N_HALF, stride_xm, stride_wn,
-                  K_PER_SPLIT, NORM: tl.constexpr, GAMMA: tl.constexpr, SWIGLU: tl.constexpr, EVEN_K: tl.constexpr,
+def _partial_tile(p_x, p_w, p_gamma, rm, rn, m_ok, n_ok, k_lo, K, PAIR_OFFSET, stride_xm, stride_wn,
+                  K_PER_SPLIT, NORM: tl.constexpr, GAMMA: tl.constexpr, PAIRED: tl.constexpr, EVEN_K: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr):
-    """x[rm, k_lo:k_lo+K_PER_SPLIT] @ W[rn, same]^T (and the up rows rn + N_HALF under SWIGLU), with the
-    sum of squares of the x rows over the same range (under NORM; the gain ``gamma`` multiplies each x tile
-    after its squares are taken, under GAMMA)."""
+    """x[rm, k_lo:k_lo+K_PER_SPLIT] @ W[rn, same]^T, and under PAIRED the same with the rows rn + PAIR_OFFSET
+    as a second accumulator (SwiGLU's up rows; RoPE's rotation partners), with the sum of squares of the x rows
+    over the same range (under NORM; the gain ``gamma`` multiplies each x tile after its squares are taken,
+    under GAMMA)."""
     rk = tl.arange(0, BLOCK_K)
     x_ptrs = p_x + rm[:, None].to(tl.int64) * stride_xm + (k_lo + rk)[None, :]
     w_ptrs = p_w + rn[:, None].to(tl.int64) * stride_wn + (k_lo + rk)[None, :]
-    u_ptrs = w_ptrs + N_HALF * stride_wn
+    u_ptrs = w_ptrs + PAIR_OFFSET * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     gram = tl.zeros([BLOCK_M, BLOCK_M], tl.float32)
@@ -65,7 +66,7 @@ def _partial_tile(p_x, p_w, p_gamma, rm, rn, m_ok, n_ok, k_lo, K, N_HALF, stride
                 g = tl.load(p_gamma + k_lo + k0 + rk, mask=(k_lo + k0 + rk) < K, other=0.0)
             x = (x.to(tl.float32) * g.to(tl.float32)).to(w.dtype)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
-        if SWIGLU:
+        if PAIRED:
             if EVEN_K:
                 u = tl.load(u_ptrs, mask=n_ok[:, None], other=0.0, eviction_policy="evict_first")
             else:
@@ -79,6 +80,37 @@ def _partial_tile(p_x, p_w, p_gamma, rm, rn, m_ok, n_ok, k_lo, K, N_HALF, stride
         i = tl.arange(0, BLOCK_M)
         ss = tl.sum(tl.where(i[:, None] == i[None, :], gram, 0.0), axis=1)
     return acc, acc_u, ss
+
+
+@triton.jit
+def _reduce_splits(acc, acc_u, ss, p_ws, p_ss, p_count, tile, pid_k, SPLIT_K, NORM: tl.constexpr,
+                   PAIRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Split-K: store this split's partial tile (and sums of squares) and count its arrival; returns
+    ``(last, acc, acc_u, ss)`` where ``last`` is true in the split that arrived last - which then holds the
+    sums over every split, added in split order (deterministic), and has reset the tile's counter."""
+    tile_elems = BLOCK_M * BLOCK_N * (2 if PAIRED else 1)
+    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    ws = p_ws + tile.to(tl.int64) * SPLIT_K * tile_elems
+    tl.store(ws + pid_k * tile_elems + offs, acc)
+    if PAIRED:
+        tl.store(ws + pid_k * tile_elems + BLOCK_M * BLOCK_N + offs, acc_u)
+    if NORM:
+        tl.store(p_ss + (tile * SPLIT_K + pid_k) * BLOCK_M + tl.arange(0, BLOCK_M), ss)
+    tl.debug_barrier()                           # every thread's partial is written before the release
+    arrived = tl.atomic_add(p_count + tile, 1, sem="acq_rel")
+    last = arrived == SPLIT_K - 1
+    if last:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        ss = tl.zeros([BLOCK_M], tl.float32)
+        for s in range(SPLIT_K):
+            acc += tl.load(ws + s * tile_elems + offs, cache_modifier=".cg")
+            if PAIRED:
+                acc_u += tl.load(ws + s * tile_elems + BLOCK_M * BLOCK_N + offs, cache_modifier=".cg")
+            if NORM:
+                ss += tl.load(p_ss + (tile * SPLIT_K + s) * BLOCK_M + tl.arange(0, BLOCK_M), cache_modifier=".cg")
+        tl.atomic_xchg(p_count + tile, 0)
+    return last, acc, acc_u, ss
 
 
 # M and the split are runtime values (one compiled kernel serves every token count and split; K_PER_SPLIT is
@@ -103,28 +135,9 @@ def fused_linear_kernel(
                                    stride_xm, stride_wn, K_PER_SPLIT, NORM, GAMMA, SWIGLU, EVEN_K,
                                    BLOCK_M, BLOCK_N, BLOCK_K, DOT_PREC)
     if SPLIT_K > 1:
-        tile = pid_m * tl.num_programs(0) + pid_n
-        tile_elems = BLOCK_M * BLOCK_N * (2 if SWIGLU else 1)
-        offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        ws = p_ws + tile.to(tl.int64) * SPLIT_K * tile_elems
-        tl.store(ws + pid_k * tile_elems + offs, acc)
-        if SWIGLU:
-            tl.store(ws + pid_k * tile_elems + BLOCK_M * BLOCK_N + offs, acc_u)
-        if NORM:
-            tl.store(p_ss + (tile * SPLIT_K + pid_k) * BLOCK_M + tl.arange(0, BLOCK_M), ss)
-        tl.debug_barrier()                           # every thread's partial is written before the release
-        arrived = tl.atomic_add(p_count + tile, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:                   # the last split reduces, in split order
-            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            ss = tl.zeros([BLOCK_M], tl.float32)
-            for s in range(SPLIT_K):
-                acc += tl.load(ws + s * tile_elems + offs, cache_modifier=".cg")
-                if SWIGLU:
-                    acc_u += tl.load(ws + s * tile_elems + BLOCK_M * BLOCK_N + offs, cache_modifier=".cg")
-                if NORM:
-                    ss += tl.load(p_ss + (tile * SPLIT_K + s) * BLOCK_M + tl.arange(0, BLOCK_M), cache_modifier=".cg")
-            tl.atomic_xchg(p_count + tile, 0)
+        last, acc, acc_u, ss = _reduce_splits(acc, acc_u, ss, p_ws, p_ss, p_count, pid_m * tl.num_programs(0) + pid_n,
+                                              pid_k, SPLIT_K, NORM, SWIGLU, BLOCK_M, BLOCK_N)
+        if last:
             _epilogue(acc, acc_u, ss, rm, rn, m_ok, n_ok, p_out, p_bias, p_res, K, stride_om, stride_rm, eps,
                       NORM, BIAS, SWIGLU, RESIDUAL)
     else:
@@ -169,6 +182,24 @@ def _f32_dummy(device) -> torch.Tensor:
     return _COUNTERS[key]
 
 
+def k_split(K: int, cfg: LinearConfig):
+    """(K per split - a multiple of the K tile, split count, whether every K tile is whole) for ``cfg``."""
+    k_per_split = triton.cdiv(triton.cdiv(K, cfg.split_k), cfg.block_k) * cfg.block_k
+    split_k = triton.cdiv(K, k_per_split)
+    return k_per_split, split_k, K % cfg.block_k == 0 and k_per_split * split_k == K
+
+
+def split_workspace(tiles: int, split_k: int, cfg: LinearConfig, paired: bool, device):
+    """The split-K partial tiles and partial sums of squares (fp32; a dummy when the K range is not split)."""
+    if split_k == 1:
+        dummy = _f32_dummy(device)
+        return dummy, dummy
+    assert tiles <= MAX_TILES, f"fused_linear: {tiles} output tiles exceed {MAX_TILES}"
+    ws = torch.empty(tiles * split_k * cfg.block_m * cfg.block_n * (2 if paired else 1), dtype=torch.float32,
+                     device=device)
+    return ws, torch.empty(tiles * split_k * cfg.block_m, dtype=torch.float32, device=device)
+
+
 def fused_linear(x, weight, *, norm_weight=None, row_rms: bool = False, eps: float = 1e-6, bias=None,
                  swiglu: bool = False, residual=None, out_dtype=None, config: LinearConfig | None = None,
                  num_sms: int = 132):
@@ -186,20 +217,11 @@ def fused_linear(x, weight, *, norm_weight=None, row_rms: bool = False, eps: flo
         return out
     cfg = config or pick_config(M, N, K, swiglu, num_sms, device_name(x.device))
     m_tiles, n_tiles = triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n)
-    k_per_split = triton.cdiv(triton.cdiv(K, cfg.split_k), cfg.block_k) * cfg.block_k
-    split_k = triton.cdiv(K, k_per_split)
-    even_k = K % cfg.block_k == 0 and k_per_split * split_k == K
+    k_per_split, split_k, even_k = k_split(K, cfg)
     pdl = pdl_mode(x.device)
     dummy = out
     count = _counters(x.device)           # typed pointers even when unused: the split branch compiles anyway
-    if split_k > 1:
-        tiles = m_tiles * n_tiles
-        assert tiles <= MAX_TILES, f"fused_linear: {tiles} output tiles exceed {MAX_TILES}"
-        ws = torch.empty(tiles * split_k * cfg.block_m * cfg.block_n * (2 if swiglu else 1), dtype=torch.float32,
-                         device=x.device)
-        ss = torch.empty(tiles * split_k * cfg.block_m, dtype=torch.float32, device=x.device)
-    else:
-        ws = ss = _f32_dummy(x.device)
+    ws, ss = split_workspace(m_tiles * n_tiles, split_k, cfg, swiglu, x.device)
     if residual is not None:
         assert residual.shape == (M, N) and residual.stride(-1) == 1, (residual.shape, (M, N))
     fused_linear_kernel[(n_tiles, split_k, m_tiles)](

@@ -100,6 +100,25 @@ def _linear_case(tokens: int, projection: str, num_stages: int | None = None):
     return [lk.fused_linear_kernel], lambda: lk.fused_linear(x, w, config=cfg, **kw)
 
 
+def _qkv_rope_case(tokens: int, shape: str):
+    """A decode layer's QKV projection with its RoPE / KV-write epilogue (the H100's configuration for the
+    shape, or the derived one where the table runs it separately)."""
+    from fastdllm_kernels.linear import qkv_rope as qr
+    from fastdllm_kernels.linear.configs import derived_qkv_rope_config, pick_qkv_rope
+
+    hidden, hq, hkv, d = {"7B": (3584, 28, 4, 128), "1.5B": (1536, 12, 2, 128)}[shape]
+    n = (hq + 2 * hkv) * d
+    x = torch.empty(tokens, hidden, dtype=torch.bfloat16)
+    w, b = torch.empty(n, hidden, dtype=torch.bfloat16), torch.empty(n, dtype=torch.bfloat16)
+    cos = sin = torch.empty(4096, d, dtype=torch.bfloat16)
+    meta = [torch.zeros(tokens, dtype=torch.long) for _ in range(3)]
+    pk, pv = (torch.empty(1, hkv, 4096, d, dtype=torch.bfloat16) for _ in range(2))
+    bk, bv = (torch.empty(1, hkv, 32, d, dtype=torch.bfloat16) for _ in range(2))
+    cfg = pick_qkv_rope(tokens, n, hidden, 132, H100)[1] or derived_qkv_rope_config(tokens, n, hidden, 132)
+    return [qr.qkv_rope_kernel], lambda: qr.qkv_rope_write(x, w, b, 1e-6, hq, hkv, cos, sin, *meta, pk, pv, bk, bv,
+                                                           config=cfg)
+
+
 def _decode_attention_case(queries: int, prefix: int):
     """One 7B layer's decode attention at batch 1 (GQA 7:1, head_dim 128)."""
     from fastdllm_kernels.attention import kernel as ak
@@ -142,6 +161,9 @@ CASES = {"linear_gate_up_8": lambda: _linear_case(8, "gate_up"),
          "linear_gate_up_32": lambda: _linear_case(32, "gate_up"),
          "linear_down_8": lambda: _linear_case(8, "down"), "linear_down_32": lambda: _linear_case(32, "down"),
          "linear_gate_up_8_one_stage": lambda: _linear_case(8, "gate_up", num_stages=1),
+         "qkv_rope_7B_8": lambda: _qkv_rope_case(8, "7B"), "qkv_rope_7B_32": lambda: _qkv_rope_case(32, "7B"),
+         "qkv_rope_1.5B_8": lambda: _qkv_rope_case(8, "1.5B"),
+         "qkv_rope_1.5B_32": lambda: _qkv_rope_case(32, "1.5B"),
          "decode_attention_32": lambda: _decode_attention_case(32, 2048),
          "decode_attention_8": lambda: _decode_attention_case(8, 8192),
          "prefill_attention": _prefill_attention_case}

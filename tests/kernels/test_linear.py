@@ -144,9 +144,16 @@ def test_shipped_tuned_table_is_well_formed():
     assert "NVIDIA H100 80GB HBM3" in table and configs.TUNED_ON["9.0"] in table
     for gpu, entries in table.items():
         for key, entry in entries.items():
-            bm, n, k, swiglu = (int(v) for v in key.split(","))
-            assert bm in (16, 32, 64) and n > 0 and k > 0 and swiglu in (0, 1), key
-            assert entry["strategy"] in STRATEGIES, (gpu, key)
+            bm, n, k, kind = key.split(",")
+            bm, n, k = int(bm), int(n), int(k)
+            assert bm in (16, 32, 64) and n > 0 and k > 0 and kind in ("0", "1", "rope"), key
+            if kind == "rope":                      # the QKV projection with its RoPE epilogue (qkv_rope.py)
+                assert entry["strategy"] in configs.QKV_ROPE_STRATEGIES, (gpu, key)
+                if entry["strategy"] == "separate":
+                    continue
+                assert 64 % entry["config"]["block_n"] == 0, (gpu, key, entry)   # divides half a 128-wide head
+            else:
+                assert entry["strategy"] in STRATEGIES, (gpu, key)
             if entry["strategy"] == "cublas":
                 continue
             cfg = LinearConfig(**entry["config"])

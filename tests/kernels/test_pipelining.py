@@ -34,6 +34,13 @@ def test_decode_linear_streams_its_weight_through_pipelined_copies(launches, cas
     assert launch["async_copies"] > 0 and launch["cp_async_ptx"] > 0, launch
 
 
+@pytest.mark.parametrize("case", ["qkv_rope_7B_8", "qkv_rope_7B_32", "qkv_rope_1.5B_8", "qkv_rope_1.5B_32"])
+def test_qkv_projection_with_rope_epilogue_streams_its_weight_through_pipelined_copies(launches, case):
+    (launch,) = launches[case]
+    assert launch["kernel"] == "qkv_rope_kernel" and launch["num_stages"] >= 2, launch
+    assert launch["async_copies"] > 0 and launch["cp_async_ptx"] > 0, launch
+
+
 def test_the_check_sees_a_loop_left_unpipelined(launches):
     (launch,) = launches["linear_gate_up_8_one_stage"]
     assert launch["async_copies"] == 0 and launch["cp_async_ptx"] == 0, launch
