@@ -10,6 +10,7 @@ from fastdllm_kernels.attention.kernel import decode_attention
 from fastdllm_kernels.launch import pdl_enabled, pdl_mode
 from fastdllm_kernels.linear.configs import LinearConfig
 from fastdllm_kernels.linear.kernel import fused_linear
+from fastdllm_kernels.linear.qkv_rope import qkv_rope_write
 from fastdllm_kernels.rms_norm.kernel import rms_norm
 from fastdllm_kernels.rope.kernel import rope_write
 from fastdllm_kernels.rope.reference import rope_tables
@@ -34,16 +35,22 @@ def test_pdl_only_when_asked_for_and_on_hopper(monkeypatch):
         pdl_enabled(torch.device(DEVICE))
 
 
-def _decode_layer(x, p, caches, meta):
-    """One decode layer's kernel chain as the triton backend launches it (norm+QKV, RoPE and cache write,
-    attention, O + residual, norm, gate/up + SwiGLU, down + residual); split-K everywhere."""
+def _decode_layer(x, p, caches, meta, fused_qkv: bool = False):
+    """One decode layer's kernel chain as the triton backend launches it (norm+QKV, RoPE and cache write -
+    or, ``fused_qkv``, the QKV projection doing both in its epilogue -, attention, O + residual, norm,
+    gate/up + SwiGLU, down + residual); split-K everywhere."""
     cfg = LinearConfig(block_m=16, block_n=32, block_k=64, split_k=4)
-    qkv = fused_linear(x, p["qkv"], norm_weight=p["n1"], eps=1e-6, bias=p["bias"], config=cfg)
-    q, k, v = qkv.split([4 * 64, 64, 64], dim=-1)
-    q, k, v = q.reshape(-1, 4, 64), k.reshape(-1, 1, 64), v.reshape(-1, 1, 64)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     pk, pv, bk, bv = caches
-    rope_write(q, k, v, p["cos"], p["sin"], meta["pos"], meta["dest"], meta["slot"], pk, pv, bk, bv)
+    if fused_qkv:
+        qkv = qkv_rope_write(x, p["qkv"], p["bias"], 1e-6, 4, 1, p["cos"], p["sin"], meta["pos"], meta["dest"],
+                             meta["slot"], pk, pv, bk, bv, config=cfg)
+        q = qkv[:, :4 * 64].reshape(-1, 4, 64)
+    else:
+        qkv = fused_linear(x, p["qkv"], norm_weight=p["n1"], eps=1e-6, bias=p["bias"], config=cfg)
+        q, k, v = qkv.split([4 * 64, 64, 64], dim=-1)
+        q, k, v = q.reshape(-1, 4, 64), k.reshape(-1, 1, 64), v.reshape(-1, 1, 64)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        rope_write(q, k, v, p["cos"], p["sin"], meta["pos"], meta["dest"], meta["slot"], pk, pv, bk, bv)
     o = decode_attention(q, pk, pv, bk, bv, meta["slots"], meta["plen"], meta["tail"], meta["qstart"], n_q=8,
                          scale=0.125).reshape(x.shape[0], -1)
     x = fused_linear(o, p["o"], residual=x, config=cfg)
@@ -55,7 +62,8 @@ def _decode_layer(x, p, caches, meta):
 @pytest.mark.skipif(not HOPPER, reason="programmatic dependent launch needs a CUDA GPU of compute capability "
                                        "9.0+ (runs in the device session)")
 @pytest.mark.parametrize("mode", ["1", "exit"])
-def test_pdl_chain_in_a_cuda_graph_equals_ordinary_launches(monkeypatch, mode):
+@pytest.mark.parametrize("fused_qkv", [False, True])
+def test_pdl_chain_in_a_cuda_graph_equals_ordinary_launches(monkeypatch, mode, fused_qkv):
     g = torch.Generator(device=DEVICE).manual_seed(0)
 
     def rnd(*s, scale=0.05):
@@ -82,7 +90,7 @@ def test_pdl_chain_in_a_cuda_graph_equals_ordinary_launches(monkeypatch, mode):
 
     def three_layers(x, caches):
         for _ in range(3):
-            x = _decode_layer(x, p, caches, meta)
+            x = _decode_layer(x, p, caches, meta, fused_qkv)
         return x
 
     monkeypatch.setenv("FASTDLLM_PDL", "0")
