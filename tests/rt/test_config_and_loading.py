@@ -4,7 +4,6 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import fastdllm_rt
 from fastdllm_rt import CheckpointError, ConfigError, HubError, ModelConfig
