@@ -104,9 +104,12 @@ def pick_config(M: int, N: int, K: int, swiglu: bool = False, num_sms: int = 132
     bm = m_bucket(M)
     block_n, block_k = (32 if swiglu else 64), 128
     tiles = triton.cdiv(N, block_n) * triton.cdiv(M, bm)
-    max_split = max(1, K // (4 * block_k))
-    split_k = max(1, min(max_split, triton.cdiv(2 * num_sms, tiles)))
-    return LinearConfig(bm, block_n, block_k, split_k)
+    return LinearConfig(bm, block_n, block_k, _derived_split(K, block_k, tiles, num_sms))
+
+
+def _derived_split(K: int, block_k: int, tiles: int, num_sms: int) -> int:
+    """K splits for about two programs per SM, each split at least four K tiles long."""
+    return max(1, min(max(1, K // (4 * block_k)), triton.cdiv(2 * num_sms, tiles)))
 
 
 QKV_ROPE_STRATEGIES = ("fused", "separate")
@@ -132,5 +135,4 @@ def pick_qkv_rope(M: int, N: int, K: int, num_sms: int = 132, gpu: str = "cpu",
 def derived_qkv_rope_config(M: int, N: int, K: int, num_sms: int = 132, head_dim: int = 128) -> LinearConfig:
     bm, block_n, block_k = m_bucket(M), min(32, head_dim // 2), 128
     tiles = triton.cdiv(N, 2 * block_n) * triton.cdiv(M, bm)
-    split_k = max(1, min(max(1, K // (4 * block_k)), triton.cdiv(2 * num_sms, tiles)))
-    return LinearConfig(bm, block_n, block_k, split_k)
+    return LinearConfig(bm, block_n, block_k, _derived_split(K, block_k, tiles, num_sms))

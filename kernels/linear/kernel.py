@@ -134,13 +134,11 @@ def fused_linear_kernel(
     acc, acc_u, ss = _partial_tile(p_x, p_w, p_gamma, rm, rn, m_ok, n_ok, pid_k * K_PER_SPLIT, K, N,
                                    stride_xm, stride_wn, K_PER_SPLIT, NORM, GAMMA, SWIGLU, EVEN_K,
                                    BLOCK_M, BLOCK_N, BLOCK_K, DOT_PREC)
+    last = SPLIT_K == 1                         # with split-K, only the split that arrives last finishes
     if SPLIT_K > 1:
         last, acc, acc_u, ss = _reduce_splits(acc, acc_u, ss, p_ws, p_ss, p_count, pid_m * tl.num_programs(0) + pid_n,
                                               pid_k, SPLIT_K, NORM, SWIGLU, BLOCK_M, BLOCK_N)
-        if last:
-            _epilogue(acc, acc_u, ss, rm, rn, m_ok, n_ok, p_out, p_bias, p_res, K, stride_om, stride_rm, eps,
-                      NORM, BIAS, SWIGLU, RESIDUAL)
-    else:
+    if last:
         _epilogue(acc, acc_u, ss, rm, rn, m_ok, n_ok, p_out, p_bias, p_res, K, stride_om, stride_rm, eps,
                   NORM, BIAS, SWIGLU, RESIDUAL)
 

@@ -116,14 +116,11 @@ def qkv_rope_kernel(p_x, p_w, p_b, p_out, p_ws, p_ss, p_count,
     lo, hi, ss = _partial_tile(p_x, p_w, p_w, rm, rn, m_ok, n_ok, pid_k * K_PER_SPLIT, K, D // 2,
                                stride_xm, stride_wn, K_PER_SPLIT, True, False, True, EVEN_K,
                                BLOCK_M, BLOCK_N, BLOCK_K, DOT_PREC)
+    last = SPLIT_K == 1                         # with split-K, only the split that arrives last finishes
     if SPLIT_K > 1:
         last, lo, hi, ss = _reduce_splits(lo, hi, ss, p_ws, p_ss, p_count, pid_m * tl.num_programs(0) + pid_n,
                                           pid_k, SPLIT_K, True, True, BLOCK_M, BLOCK_N)
-        if last:
-            _qkv_rope_epilogue(lo, hi, ss, rm, m_ok, head, d_lo, K, eps, p_b, p_out, stride_om,
-                               p_cos, p_sin, p_pos, p_dest, p_slot, p_pk, p_pv, p_bk, p_bv,
-                               stride_ps, stride_ph, stride_pn, stride_bs, stride_bh, stride_bn, HQ, HKV, D, BS, BIAS)
-    else:
+    if last:
         _qkv_rope_epilogue(lo, hi, ss, rm, m_ok, head, d_lo, K, eps, p_b, p_out, stride_om,
                            p_cos, p_sin, p_pos, p_dest, p_slot, p_pk, p_pv, p_bk, p_bv,
                            stride_ps, stride_ph, stride_pn, stride_bs, stride_bh, stride_bn, HQ, HKV, D, BS, BIAS)
