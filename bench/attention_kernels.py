@@ -1,13 +1,11 @@
 """Where a decode-attention call's time goes: the split pass and the merge kernel timed apart (torch profiler,
-20 eager calls each) at the decode shapes, for the plan ``decode_plan`` picks and with half / a quarter / twice
-its splits, each with the splits merged in the split pass's launch (``one launch``, the GPU default: the split
-pass's time includes its merge) and by the merge kernel; the whole call as a CUDA graph of 20 calls beside them.
+20 eager calls each) at the decode shapes, for the plan ``decode_plan`` picks and with half / a quarter of its
+splits; the whole call as a CUDA graph of 20 calls beside them.
 
     python bench/attention_kernels.py [--prefixes 2048,8192]
 """
 import argparse
 import dataclasses
-import itertools
 
 from common import ATTENTION_HEADS, decode_attention_inputs, graph_time, kernel_times_us, record
 
@@ -24,24 +22,19 @@ def main():
             for n in (32, 8):
                 q, pk, pv, bk, bv, meta = decode_attention_inputs(hq, hkv, prefix, n)
                 default = decode_plan(1, hkv, hq // hkv, n, pk.shape[2] + 32)
-                for (label, factor), merge in itertools.product(
-                        (("default", 1), ("splits/2", 0.5), ("splits/4", 0.25), ("splits*2", 2)),
-                        ("one launch", "kernel")):
-                    splits = max(1, int(default.splits * factor))
-                    if splits > 128:
-                        continue
-                    plan = dataclasses.replace(default, splits=splits, merge_in_kernel=merge == "one launch")
+                for label, div in (("default", 1), ("splits/2", 2), ("splits/4", 4)):
+                    plan = dataclasses.replace(default, splits=max(1, default.splits // div))
                     fn = lambda: decode_attention(q, pk, pv, bk, bv, *meta, n_q=n, scale=128 ** -0.5,  # noqa: E731
                                                   plan=plan)
                     graph_us = graph_time(fn)["p50_ms"] * 1e3
                     kernels = kernel_times_us(fn, 20)
                     split = sum(v for k, v in kernels.items() if "fwd" in k)
-                    merge_us = sum(v for k, v in kernels.items() if "combine" in k)
+                    merge = sum(v for k, v in kernels.items() if "combine" in k)
                     record("attention_kernels", model=model, prefix=prefix, queries=n, plan=label,
-                           splits=plan.splits, merge=merge, graph_us=graph_us, split_pass_us=split,
-                           merge_us=merge_us, command=command)
-                    print(f"{model:4} L={prefix:5d} q{n:2d} {label:8s} s{plan.splits:<3d} {merge:10s} graph "
-                          f"{graph_us:5.1f} us  split pass {split:5.1f}  merge {merge_us:4.1f}", flush=True)
+                           splits=plan.splits, graph_us=graph_us, split_pass_us=split, merge_us=merge,
+                           command=command)
+                    print(f"{model:4} L={prefix:5d} q{n:2d} {label:8s} s{plan.splits:<3d} graph {graph_us:5.1f} us"
+                          f"  split pass {split:5.1f}  merge {merge:4.1f}", flush=True)
 
 
 if __name__ == "__main__":

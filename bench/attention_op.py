@@ -2,16 +2,13 @@
 prefix cache plus the 32-key block cache; GQA 7:1 (7B) and 6:1 (1.5B); head_dim 128; bf16.
 
 Times are GPU time (20 calls captured in one CUDA graph, replayed; the launch overhead of an eager call is
-recorded beside it). Providers: ``ours`` (fastdllm_kernels decode_attention; ``ours_merge_kernel``: its
-splits merged by a second kernel instead of in the split pass's launch; ``ours_pdl``: with programmatic
-dependent launch), ``sdpa_mask`` (torch SDPA with a boolean mask, the original's call), ``flex`` (torch flex
-attention, compiled, same visibility). Roofline: KV bytes read once over the measured copy bandwidth.
-Correctness of each provider against the fp32 reference is checked first.
+recorded beside it). Providers: ``ours`` (fastdllm_kernels decode_attention), ``sdpa_mask`` (torch SDPA with a boolean mask, the
+original's call), ``flex`` (torch flex attention, compiled, same visibility). Roofline: KV bytes read once
+over the measured copy bandwidth. Correctness of each provider against the fp32 reference is checked first.
 
     python bench/attention_op.py [--prefixes 2048,8192]
 """
 import argparse
-import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +16,7 @@ import torch.nn.functional as F
 from common import (ATTENTION_HEADS, DEVICE, copy_bandwidth_gbs, cuda_time, decode_attention_inputs, graph_time,
                     record, with_pdl)
 
-from fastdllm_kernels.attention.kernel import decode_attention, decode_plan
+from fastdllm_kernels.attention.kernel import decode_attention
 from fastdllm_kernels.attention.reference import decode_attention_ref
 
 
@@ -51,12 +48,8 @@ def main():
                 qq = q.transpose(0, 1)[None]
                 mask = torch.ones(1, 1, n, L + 32, dtype=torch.bool, device=dev)
                 ours = lambda: decode_attention(q, pk, pv, bk, bv, *meta, n_q=n, scale=scale)  # noqa: E731
-                two_launches = dataclasses.replace(decode_plan(1, hkv, hq // hkv, n, pk.shape[2] + bk.shape[2]),
-                                                   merge_in_kernel=False)
                 providers = {
                     "ours": ours,
-                    "ours_merge_kernel": lambda: decode_attention(q, pk, pv, bk, bv, *meta, n_q=n, scale=scale,
-                                                                  plan=two_launches),
                     "ours_pdl": with_pdl(ours),
                     "sdpa_mask": lambda: F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale,
                                                                         enable_gqa=True),
@@ -83,11 +76,11 @@ def main():
                                  timing=timing, command=command)
                     table.append(row)
     print(f"copy bandwidth {bw:.0f} GB/s")
-    print(f"{'model':5} {'prefix':>6} {'q':>3} {'provider':17} {'p50 us':>8} {'KV GB/s':>8} {'%bw':>5} {'x sdpa':>7} relerr")
+    print(f"{'model':5} {'prefix':>6} {'q':>3} {'provider':10} {'p50 us':>8} {'KV GB/s':>8} {'%bw':>5} {'x sdpa':>7} relerr")
     for r in table:
         base = next(x for x in table if x["model"] == r["model"] and x["prefix"] == r["prefix"]
                     and x["queries"] == r["queries"] and x["provider"] == "sdpa_mask")
-        print(f"{r['model']:5} {r['prefix']:6d} {r['queries']:3d} {r['provider']:17} {r['p50_ms'] * 1e3:8.1f} "
+        print(f"{r['model']:5} {r['prefix']:6d} {r['queries']:3d} {r['provider']:10} {r['p50_ms'] * 1e3:8.1f} "
               f"{r['kv_GBps']:8.0f} {100 * r['fraction_of_copy_bw']:5.1f} {base['p50_ms'] / r['p50_ms']:7.2f} "
               f"{r['rel_err_vs_fp32']:.1e}")
 

@@ -6,16 +6,13 @@ when ``has_tail``, by the 32 keys of its block cache (spec §2.3-2.4; the window
 the caches before the call). Split and tile counts are runtime arguments, so batches of any size share one
 compiled kernel per head layout. The G query heads that share a KV head and the window's queries are packed into
 one tile of ``G * n`` rows, so each K/V tile is loaded once for all of them, and the key range is split
-across programs (flash-decoding). The splits' partial softmaxes are merged in the same launch on a GPU - the
-splits of a tile meet at a counter, then each merges a slice of the tile's rows - and by a second kernel under
-the interpreter (which runs programs one after another, so none could wait for another). Lengths are read on
+across programs (flash-decoding) with a second kernel combining the partial softmaxes. Lengths are read on
 the device, and the grid depends only on the cache size, so the call can be captured in a CUDA graph.
 
 ``prefill_attention`` serves windows that span blocks (prefill, plain scoring forwards): keys are the
 prefix cache ``[0, start)`` (all visible) and the window's own keys under the block-causal rule
 ``q // bs >= k // bs``; one program per (row, query head, 64 queries).
 """
-import os
 from dataclasses import dataclass
 
 import torch
@@ -53,49 +50,20 @@ def _attend_keys(b_q, p_k, p_v, base, stride_n, j_lo, j_hi, j_off, d, b_m, b_l, 
     return b_m, b_l, b_acc
 
 
-@triton.jit
-def _merge_partials(p_o, p_part_o, p_part_lse, tile, pid_m, rows, qstart, h, stride_ot, stride_oh, SPLITS,
-                    G: tl.constexpr, NQ: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    SPLITS_P2: tl.constexpr):
-    """Merge the SPLITS partial softmaxes of query tile ``tile`` for its packed rows ``rows`` (< BLOCK_M) and
-    store the output rows. All splits are loaded at once (one memory latency, not one per split), through L2
-    only: in the one-launch merge other programs wrote them moments ago."""
-    m_idx = pid_m * BLOCK_M + rows
-    r_ok = rows < BLOCK_M
-    m_ok = r_ok & (m_idx < G * NQ)
-    g = m_idx // NQ
-    i = m_idx % NQ
-    d = tl.arange(0, D)
-    s = tl.arange(0, SPLITS_P2)
-    ok = (s < SPLITS)[:, None] & r_ok[None, :]
-    base = (tile * SPLITS + s).to(tl.int64)                                                  # [S]
-    b_lse = tl.load(p_part_lse + base[:, None] * BLOCK_M + rows[None, :], mask=ok, other=float("-inf"),
-                    cache_modifier=".cg")
-    b_os = tl.load(p_part_o + base[:, None, None] * BLOCK_M * D + rows[None, :, None] * D + d[None, None, :],
-                   mask=ok[:, :, None], other=0.0, cache_modifier=".cg").to(tl.float32)          # [S, ROWS, D]
-    b_max = tl.max(b_lse, axis=0)
-    w = tl.where(b_lse == float("-inf"), 0.0, tl.exp(b_lse - b_max[None, :]))            # empty splits weigh 0
-    b_acc = tl.sum(w[:, :, None] * b_os, axis=0)                                          # [ROWS, D]
-    off_o = (qstart + i)[:, None] * stride_ot + (h * G + g)[:, None] * stride_oh + d[None, :]
-    tl.store(p_o + off_o, (b_acc / tl.sum(w, axis=0)[:, None]).to(p_o.dtype.element_ty), mask=m_ok[:, None])
-
-
 # tile and split counts change from batch to batch: keep them unspecialised so that a new batch size does not
-# compile a new kernel (Triton otherwise specialises integers equal to 1 or divisible by 16). The split index is
-# the grid's fastest axis, so that a tile's splits are dispatched together (the one-launch merge relies on it).
+# compile a new kernel (Triton otherwise specialises integers equal to 1 or divisible by 16).
 @triton.jit(do_not_specialize=["M_TILES", "SPLITS"])
 def decode_attention_fwd_kernel(
-        p_q, p_pk, p_pv, p_bk, p_bv, p_o, p_part_o, p_part_lse, p_sync,
+        p_q, p_pk, p_pv, p_bk, p_bv, p_o, p_part_o, p_part_lse,
         p_slot, p_plen, p_tail, p_qstart,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_ps, stride_ph, stride_pn, stride_bs, stride_bh, stride_bn,
         scale, M_TILES, SPLITS,
         HKV: tl.constexpr, G: tl.constexpr, NQ: tl.constexpr, D: tl.constexpr, TAIL: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr,
-        MERGE_ROWS: tl.constexpr, SPLITS_P2: tl.constexpr):
-    pid_s = tl.program_id(0)
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr):
+    pid_rh = tl.program_id(0)
     pid_m = tl.program_id(1)
-    pid_rh = tl.program_id(2)
+    pid_s = tl.program_id(2)
     r = (pid_rh // HKV).to(tl.int64)
     h = (pid_rh % HKV).to(tl.int64)
     wait_for_producer(PDL)
@@ -141,22 +109,6 @@ def decode_attention_fwd_kernel(
         b_o = b_acc / b_l[:, None]
         tl.store(p_part_o + base * BLOCK_M * D + rows[:, None] * D + d[None, :], b_o.to(p_part_o.dtype.element_ty))
         tl.store(p_part_lse + base * BLOCK_M + rows, tl.where(empty, float("-inf"), b_m + tl.log(b_l)))
-        if MERGE_ROWS > 0:
-            # the one-launch merge: the tile's SPLITS programs meet at its counter (all of them are resident:
-            # SPLITS <= SMs and they are dispatched together), then each merges MERGE_ROWS of the tile's rows;
-            # the last to leave resets the counter for the next launch (arrivals count to SPLITS, departures
-            # on to 2 * SPLITS - every program has passed the wait by then)
-            tile = pid_rh * M_TILES + pid_m
-            p_count = p_sync + tile
-            tl.debug_barrier()                               # every thread's partial stores before the release
-            arrived = tl.atomic_add(p_count, 1, sem="acq_rel", scope="gpu") + 1
-            while arrived < SPLITS:
-                arrived = tl.atomic_add(p_count, 0, sem="acquire", scope="gpu")
-            _merge_partials(p_o, p_part_o, p_part_lse, tile, pid_m, pid_s * MERGE_ROWS + tl.arange(0, MERGE_ROWS),
-                            qstart, h, stride_ot, stride_oh, SPLITS, G, NQ, D, BLOCK_M, SPLITS_P2)
-            left = tl.atomic_add(p_count, 1, sem="relaxed", scope="gpu") + 1
-            if left == 2 * SPLITS:
-                tl.atomic_xchg(p_count, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit(do_not_specialize=["M_TILES", "SPLITS"])
@@ -164,8 +116,8 @@ def decode_attention_combine_kernel(
         p_o, p_part_o, p_part_lse, p_qstart, stride_ot, stride_oh, M_TILES, SPLITS,
         HKV: tl.constexpr, G: tl.constexpr, NQ: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
         ROWS: tl.constexpr, SPLITS_P2: tl.constexpr, PDL: tl.constexpr):
-    """Merge the splits' partial softmaxes for ROWS packed rows, as a second launch (``merge_rows_in_kernel``
-    says when)."""
+    """Merge the splits' partial softmaxes for ROWS packed rows; all splits are loaded at once (one memory
+    latency, not one per split)."""
     wait_for_producer(PDL)
     pid_rh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -173,8 +125,23 @@ def decode_attention_combine_kernel(
     r = (pid_rh // HKV).to(tl.int64)
     h = (pid_rh % HKV).to(tl.int64)
     qstart = tl.load(p_qstart + r).to(tl.int64)
-    _merge_partials(p_o, p_part_o, p_part_lse, pid_rh * M_TILES + pid_m, pid_m, pid_r * ROWS + tl.arange(0, ROWS),
-                    qstart, h, stride_ot, stride_oh, SPLITS, G, NQ, D, BLOCK_M, SPLITS_P2)
+    rows = pid_r * ROWS + tl.arange(0, ROWS)
+    m_idx = pid_m * BLOCK_M + rows
+    m_ok = m_idx < G * NQ
+    g = m_idx // NQ
+    i = m_idx % NQ
+    d = tl.arange(0, D)
+    s = tl.arange(0, SPLITS_P2)
+    s_ok = s < SPLITS
+    base = ((pid_rh * M_TILES + pid_m) * SPLITS + s).to(tl.int64)                      # [S]
+    b_lse = tl.load(p_part_lse + base[:, None] * BLOCK_M + rows[None, :], mask=s_ok[:, None], other=float("-inf"))
+    b_os = tl.load(p_part_o + base[:, None, None] * BLOCK_M * D + rows[None, :, None] * D + d[None, None, :],
+                   mask=s_ok[:, None, None], other=0.0).to(tl.float32)                     # [S, ROWS, D]
+    b_max = tl.max(b_lse, axis=0)
+    w = tl.where(b_lse == float("-inf"), 0.0, tl.exp(b_lse - b_max[None, :]))            # empty splits weigh 0
+    b_acc = tl.sum(w[:, :, None] * b_os, axis=0)                                          # [ROWS, D]
+    off_o = (qstart + i)[:, None] * stride_ot + (h * G + g)[:, None] * stride_oh + d[None, :]
+    tl.store(p_o + off_o, (b_acc / tl.sum(w, axis=0)[:, None]).to(p_o.dtype.element_ty), mask=m_ok[:, None])
 
 
 def _dot_precision(q) -> str:
@@ -192,7 +159,6 @@ class DecodePlan:
     num_stages: int = 3
     merge_rows: int = 0             # packed rows per merge program; 0: as many as keep its load at 8192 values
     merge_warps: int = 4
-    merge_in_kernel: bool | None = None     # merge in the split pass's launch; None: wherever it can (a GPU)
 
 
 def decode_plan(rows: int, kv_heads: int, group: int, n_q: int, max_keys: int, num_sms: int = 132,
@@ -213,37 +179,6 @@ def decode_plan(rows: int, kv_heads: int, group: int, n_q: int, max_keys: int, n
     return DecodePlan(block_m, m_tiles, splits, block_n, **launch)
 
 
-# one counter per query tile for the one-launch merge; every launch leaves its counters at zero, so one
-# zeroed buffer per device serves every call (calls on one device run one after another, graphs included)
-SYNC_COUNTERS = 1 << 15
-_sync_buffers: dict[torch.device, torch.Tensor] = {}
-
-
-def _sync_counters(device: torch.device) -> torch.Tensor:
-    if device not in _sync_buffers:
-        _sync_buffers[device] = torch.zeros(SYNC_COUNTERS, dtype=torch.int32, device=device)
-    return _sync_buffers[device]
-
-
-def merge_rows_in_kernel(plan: DecodePlan, tiles: int, device: torch.device, num_sms: int) -> int:
-    """Rows each split program merges when the partials are merged in the split pass's own launch; 0 for the
-    second (merge kernel) launch. The one-launch merge has a tile's programs wait for each other, so it needs
-    them resident together: at most one per SM (``splits <= num_sms``), dispatched together (the split index is
-    the grid's fastest axis). The Triton interpreter runs programs one after another - a waiting program would
-    wait forever - so it always takes the second launch; ``plan.merge_in_kernel`` True there is an error."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    wanted = plan.merge_in_kernel if plan.merge_in_kernel is not None else device.type == "cuda" and not interpreted
-    if plan.splits == 1 or not wanted:
-        return 0
-    if interpreted:
-        raise ValueError("DecodePlan(merge_in_kernel=True) under TRITON_INTERPRET=1: the interpreter runs a grid's "
-                         "programs one after another, so the splits of a tile cannot wait for each other; leave "
-                         "merge_in_kernel None or False there")
-    if plan.splits > num_sms or tiles > SYNC_COUNTERS:
-        return 0
-    return triton.next_power_of_2(triton.cdiv(plan.block_m, plan.splits))
-
-
 def decode_attention(q, prefix_k, prefix_v, block_k, block_v, slots, prefix_lens, has_tail, q_starts, n_q: int,
                      scale: float, out=None, num_sms: int = 132, plan: DecodePlan | None = None):
     """q [T, Hq, D] packed, row r's n_q queries at q_starts[r]; caches [slots, Hkv, S, D] / [slots, Hkv, bs, D];
@@ -261,23 +196,21 @@ def decode_attention(q, prefix_k, prefix_v, block_k, block_v, slots, prefix_lens
     plan = plan or decode_plan(R, HKV, G, n_q, prefix_k.shape[2] + TAIL, num_sms)
     pdl = pdl_mode(q.device)
     block_m, m_tiles, splits, block_n = plan.block_m, plan.m_tiles, plan.splits, plan.block_n
-    merge_rows = merge_rows_in_kernel(plan, R * HKV * m_tiles, q.device, num_sms)
-    splits_p2 = triton.next_power_of_2(splits)
     if splits > 1:
         part_o = torch.empty(R * HKV * m_tiles * splits * block_m * D, dtype=q.dtype, device=q.device)
         part_lse = torch.empty(R * HKV * m_tiles * splits * block_m, dtype=torch.float32, device=q.device)
     else:
         part_o = part_lse = out
-    sync = _sync_counters(q.device) if merge_rows else out
-    decode_attention_fwd_kernel[(splits, m_tiles, R * HKV)](
-        q, prefix_k, prefix_v, block_k, block_v, out, part_o, part_lse, sync, slots, prefix_lens, has_tail,
-        q_starts, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+    decode_attention_fwd_kernel[(R * HKV, m_tiles, splits)](
+        q, prefix_k, prefix_v, block_k, block_v, out, part_o, part_lse, slots, prefix_lens, has_tail, q_starts,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
         block_k.stride(0), block_k.stride(1), block_k.stride(2),
         scale, m_tiles, splits, HKV=HKV, G=G, NQ=n_q, D=D, TAIL=TAIL,
-        BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=_dot_precision(q), PDL=pdl, MERGE_ROWS=merge_rows,
-        SPLITS_P2=splits_p2, num_warps=plan.num_warps, num_stages=plan.num_stages, launch_pdl=pdl > 0)
-    if splits > 1 and not merge_rows:
+        BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=_dot_precision(q), PDL=pdl,
+        num_warps=plan.num_warps, num_stages=plan.num_stages, launch_pdl=pdl > 0)
+    if splits > 1:
+        splits_p2 = triton.next_power_of_2(splits)
         rows = plan.merge_rows or max(1, min(block_m, 8192 // (splits_p2 * D)))
         decode_attention_combine_kernel[(R * HKV, m_tiles, block_m // rows)](
             out, part_o, part_lse, q_starts, out.stride(0), out.stride(1), m_tiles, splits, HKV=HKV, G=G, NQ=n_q, D=D,

@@ -119,11 +119,8 @@ def _qkv_rope_case(tokens: int, shape: str):
                                                            config=cfg)
 
 
-def _decode_attention_case(queries: int, prefix: int, merge_in_kernel: bool = False):
-    """One 7B layer's decode attention at batch 1 (GQA 7:1, head_dim 128); its splits merged by a second
-    kernel or, ``merge_in_kernel``, in the split pass's launch (what a GPU runs)."""
-    import dataclasses
-
+def _decode_attention_case(queries: int, prefix: int):
+    """One 7B layer's decode attention at batch 1 (GQA 7:1, head_dim 128)."""
     from fastdllm_kernels.attention import kernel as ak
 
     hq, hkv, d = 28, 4, 128
@@ -132,10 +129,8 @@ def _decode_attention_case(queries: int, prefix: int, merge_in_kernel: bool = Fa
     bk, bv = (torch.empty(1, hkv, 32, d, dtype=torch.bfloat16) for _ in range(2))
     meta = [torch.zeros(1, dtype=torch.long), torch.tensor([prefix]), torch.ones(1, dtype=torch.long),
             torch.zeros(1, dtype=torch.long)]
-    plan = dataclasses.replace(ak.decode_plan(1, hkv, hq // hkv, queries, prefix + 64 + 32),
-                               merge_in_kernel=merge_in_kernel)
     return ([ak.decode_attention_fwd_kernel, ak.decode_attention_combine_kernel],
-            lambda: ak.decode_attention(q, pk, pv, bk, bv, *meta, n_q=queries, scale=d ** -0.5, plan=plan))
+            lambda: ak.decode_attention(q, pk, pv, bk, bv, *meta, n_q=queries, scale=d ** -0.5))
 
 
 def _prefill_attention_case(tokens: int = 512, prefix: int = 2048):
@@ -171,8 +166,6 @@ CASES = {"linear_gate_up_8": lambda: _linear_case(8, "gate_up"),
          "qkv_rope_1.5B_32": lambda: _qkv_rope_case(32, "1.5B"),
          "decode_attention_32": lambda: _decode_attention_case(32, 2048),
          "decode_attention_8": lambda: _decode_attention_case(8, 8192),
-         "decode_attention_merged_32": lambda: _decode_attention_case(32, 2048, merge_in_kernel=True),
-         "decode_attention_merged_8": lambda: _decode_attention_case(8, 8192, merge_in_kernel=True),
          "prefill_attention": _prefill_attention_case}
 
 
