@@ -45,7 +45,9 @@ def projections(f: dict) -> dict:
             "head": dict(N=V, K=d, norm=True, fp32=True)}
 
 
-def candidates(M: int, N: int, K: int, swiglu: bool, num_sms: int):
+def candidates(M: int, N: int, K: int, swiglu: bool, num_sms: int, swap_ab: bool = False):
+    """Tilings and K splits to time; ``swap_ab`` adds each tiling of 64 or more weight rows with the weight
+    tile as the MMA's left operand (Hopper's asynchronous warpgroup MMA then reads it from shared memory)."""
     bm = m_bucket(M)
     for bn, bk in ((32, 256), (64, 128), (64, 256), (128, 64), (128, 128), (128, 256), (256, 64), (256, 128)):
         stage_bytes = (bn * (2 if swiglu else 1) + bm) * bk * 2
@@ -59,6 +61,8 @@ def candidates(M: int, N: int, K: int, swiglu: bool, num_sms: int):
                               or (tiles * split < num_sms // 2 and split < 16)):
                 continue
             yield LinearConfig(bm, bn, bk, split, warps, stages)
+            if swap_ab and bn >= 64:
+                yield LinearConfig(bm, bn, bk, split, warps, stages, swap_ab=True)
 
 
 def qkv_rope_candidates(M: int, N: int, K: int, head_dim: int, num_sms: int):
@@ -151,9 +155,10 @@ def main():
     ap.add_argument("--tokens", default="8,32")
     ap.add_argument("--projections", default="qkv,o,gate_up,down,head,qkv_rope")
     ap.add_argument("--no-write", action="store_true", help="do not update kernels/linear/tuned.json")
+    ap.add_argument("--swap-ab", action="store_true", help="time swapped-operand tilings too (see candidates)")
     args = ap.parse_args()
-    command = "python bench/linear_sweep.py --shapes {} --tokens {} --projections {}".format(
-        args.shapes, args.tokens, args.projections)
+    command = "python bench/linear_sweep.py --shapes {} --tokens {} --projections {}{}".format(
+        args.shapes, args.tokens, args.projections, " --swap-ab" if args.swap_ab else "")
     assert DEVICE == "cuda", "the sweep times kernels on a GPU"
     gpu = torch.cuda.get_device_name()
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -206,7 +211,9 @@ def main():
                 best = {}                                   # strategy -> (ms, config)
                 tried = 0
                 for strategy in ("fused", "norm_then_fused", "cublas") if norm else ("fused", "cublas"):
-                    for cfg in candidates(M, N, K, swiglu, num_sms) if strategy != "cublas" else [None]:
+                    # no swapped operands with the row norm in the kernel's prologue (fused_linear refuses it)
+                    swap = args.swap_ab and not (norm and strategy == "fused")
+                    for cfg in (candidates(M, N, K, swiglu, num_sms, swap) if strategy != "cublas" else [None]):
                         fn = lambda: rot(lambda w_: linear(x, w_, strategy=strategy, config=cfg, **call))  # noqa: E731
                         try:
                             ms = graph_time(fn, reps=20, iters=10)["p50_ms"]
@@ -214,10 +221,12 @@ def main():
                             print(f"  skip {strategy} {cfg}: {type(e).__name__}")
                             continue
                         tried += 1
-                        if ms < best.get(strategy, (float("inf"),))[0]:
-                            best[strategy] = (ms, cfg)
-                strategy = min(best, key=lambda k: best[k][0])
-                best_ms, cfg = best[strategy]
+                        label = strategy + ("/swap_ab" if cfg is not None and cfg.swap_ab else "")
+                        if ms < best.get(label, (float("inf"),))[0]:
+                            best[label] = (ms, cfg)     # swapped tilings apart, so the record compares them
+                label = min(best, key=lambda k: best[k][0])
+                best_ms, cfg = best[label]
+                strategy = label.split("/")[0]
                 got = linear(x, w, strategy=strategy, config=cfg, **call).float()
                 ref = fused_linear_ref(x.float(), w.float(), **{k: (v.float() if torch.is_tensor(v) else v)
                                                                 for k, v in call.items()})

@@ -38,6 +38,7 @@ class LinearConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 4
+    swap_ab: bool = False
 
     def to_json(self) -> dict:
         return asdict(self)

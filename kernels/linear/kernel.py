@@ -11,6 +11,13 @@ it is another launch. This kernel fuses what surrounds the matmul:
 * epilogue: bias, SwiGLU (gate and up columns of one tile are two accumulators, so the [M, 2F] activation is
   never written), residual add, and the output dtype (fp32 logits straight from the head).
 
+Swapped operands (``LinearConfig.swap_ab``): the tile is computed as ``W_tile @ x.T`` and transposed back before
+the split reduction and epilogue. With 8-32 tokens as the MMA's left operand Triton emits Hopper's mma.sync
+(rows padded to 16); with a weight tile of 64+ rows on the left it emits the asynchronous warpgroup MMA, which
+reads the weight straight from shared memory. Measured (bench/linear_sweep.py --swap-ab, device run 85): O and
+down 0.3-1.9 us faster per call, gate/up not (bench/RESULTS.md); the table picks per shape. Not with the row
+norm in the prologue (the rows' sums of squares came out wrong on the H100, run 88 - fused_linear refuses it).
+
 Split-K: when the output has too few column tiles to occupy every SM, the K range is split across programs.
 Each split stores its partial tile (and partial sums of squares) to a workspace and bumps a per-tile counter;
 the split that arrives last sums all partials in split order - deterministic - runs the epilogue, and resets
@@ -34,7 +41,8 @@ MAX_TILES = 1 << 16
 @triton.jit
 def _partial_tile(p_x, p_w, p_gamma, rm, rn, m_ok, n_ok, k_lo, K, PAIR_OFFSET, stride_xm, stride_wn,
                   K_PER_SPLIT, NORM: tl.constexpr, GAMMA: tl.constexpr, PAIRED: tl.constexpr, EVEN_K: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
+                  SWAP_AB: tl.constexpr = False):
     """x[rm, k_lo:k_lo+K_PER_SPLIT] @ W[rn, same]^T, and under PAIRED the same with the rows rn + PAIR_OFFSET
     as a second accumulator (SwiGLU's up rows; RoPE's rotation partners), with the sum of squares of the x rows
     over the same range (under NORM; the gain ``gamma`` multiplies each x tile after its squares are taken,
@@ -43,8 +51,12 @@ def _partial_tile(p_x, p_w, p_gamma, rm, rn, m_ok, n_ok, k_lo, K, PAIR_OFFSET, s
     x_ptrs = p_x + rm[:, None].to(tl.int64) * stride_xm + (k_lo + rk)[None, :]
     w_ptrs = p_w + rn[:, None].to(tl.int64) * stride_wn + (k_lo + rk)[None, :]
     u_ptrs = w_ptrs + PAIR_OFFSET * stride_wn
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        acc_u = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     gram = tl.zeros([BLOCK_M, BLOCK_M], tl.float32)
     for k0 in range(0, K_PER_SPLIT, BLOCK_K):
         if EVEN_K:
@@ -65,13 +77,19 @@ def _partial_tile(p_x, p_w, p_gamma, rm, rn, m_ok, n_ok, k_lo, K, PAIR_OFFSET, s
             else:
                 g = tl.load(p_gamma + k_lo + k0 + rk, mask=(k_lo + k0 + rk) < K, other=0.0)
             x = (x.to(tl.float32) * g.to(tl.float32)).to(w.dtype)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
+        if SWAP_AB:                             # the weight tile as the left operand (module docstring)
+            acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PREC)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
         if PAIRED:
             if EVEN_K:
                 u = tl.load(u_ptrs, mask=n_ok[:, None], other=0.0, eviction_policy="evict_first")
             else:
                 u = tl.load(u_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
-            acc_u = tl.dot(x, tl.trans(u), acc_u, input_precision=DOT_PREC)
+            if SWAP_AB:
+                acc_u = tl.dot(u, tl.trans(x), acc_u, input_precision=DOT_PREC)
+            else:
+                acc_u = tl.dot(x, tl.trans(u), acc_u, input_precision=DOT_PREC)
             u_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
@@ -79,7 +97,11 @@ def _partial_tile(p_x, p_w, p_gamma, rm, rn, m_ok, n_ok, k_lo, K, PAIR_OFFSET, s
     if NORM:
         i = tl.arange(0, BLOCK_M)
         ss = tl.sum(tl.where(i[:, None] == i[None, :], gram, 0.0), axis=1)
-    return acc, acc_u, ss
+    if SWAP_AB:
+        out, out_u = tl.trans(acc), tl.trans(acc_u)
+    else:
+        out, out_u = acc, acc_u
+    return out, out_u, ss
 
 
 @triton.jit
@@ -122,7 +144,7 @@ def fused_linear_kernel(
         K_PER_SPLIT, SPLIT_K, NORM: tl.constexpr, GAMMA: tl.constexpr, BIAS: tl.constexpr,
         SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
-        PDL: tl.constexpr):
+        PDL: tl.constexpr, SWAP_AB: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -133,7 +155,7 @@ def fused_linear_kernel(
     wait_for_producer(PDL)
     acc, acc_u, ss = _partial_tile(p_x, p_w, p_gamma, rm, rn, m_ok, n_ok, pid_k * K_PER_SPLIT, K, N,
                                    stride_xm, stride_wn, K_PER_SPLIT, NORM, GAMMA, SWIGLU, EVEN_K,
-                                   BLOCK_M, BLOCK_N, BLOCK_K, DOT_PREC)
+                                   BLOCK_M, BLOCK_N, BLOCK_K, DOT_PREC, SWAP_AB)
     last = SPLIT_K == 1                         # with split-K, only the split that arrives last finishes
     if SPLIT_K > 1:
         last, acc, acc_u, ss = _reduce_splits(acc, acc_u, ss, p_ws, p_ss, p_count, pid_m * tl.num_programs(0) + pid_n,
@@ -214,6 +236,10 @@ def fused_linear(x, weight, *, norm_weight=None, row_rms: bool = False, eps: flo
     if M == 0:
         return out
     cfg = config or pick_config(M, N, K, swiglu, num_sms, device_name(x.device))
+    if cfg.swap_ab and (norm_weight is not None or row_rms):
+        raise ValueError(f"{cfg}: swap_ab with the row norm in the prologue - on an H100 (Triton 3.6) the rows' "
+                         "sums of squares came out wrong when the Gram tile and the swapped dot read the same x "
+                         "tile (device run 88); normalise first (strategy norm_then_fused) or leave swap_ab off")
     m_tiles, n_tiles = triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n)
     k_per_split, split_k, even_k = k_split(K, cfg)
     pdl = pdl_mode(x.device)
@@ -230,6 +256,6 @@ def fused_linear(x, weight, *, norm_weight=None, row_rms: bool = False, eps: flo
         GAMMA=norm_weight is not None,
         BIAS=bias is not None, SWIGLU=swiglu, RESIDUAL=residual is not None, EVEN_K=even_k,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl,
+        DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl, SWAP_AB=cfg.swap_ab,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl > 0)
     return out

@@ -151,6 +151,9 @@ def qkv_rope_write(x, weight, bias, eps, n_heads: int, n_kv_heads: int, cos_tabl
     cfg = (config or pick_qkv_rope(T, N, K, num_sms, device_name(x.device), head_dim=D)[1]
            or derived_qkv_rope_config(T, N, K, num_sms, head_dim=D))      # a shape tuned to run separately
     assert (D // 2) % cfg.block_n == 0, f"block_n {cfg.block_n} must divide half the head width {D // 2}"
+    if cfg.swap_ab:
+        raise ValueError(f"{cfg}: qkv_rope_write has no swapped-operand tiling (its row norm rules it out - "
+                         "kernels/linear/kernel.py); use swap_ab=False")
     m_tiles, n_tiles = triton.cdiv(T, cfg.block_m), N // (2 * cfg.block_n)
     k_per_split, split_k, even_k = k_split(K, cfg)
     ws, ss = split_workspace(m_tiles * n_tiles, split_k, cfg, True, x.device)

@@ -75,19 +75,22 @@ def compile_sm90(kern, args: tuple, kwargs: dict) -> dict:
     return {"kernel": kern.__name__, "num_stages": options.get("num_stages"),
             "async_copies": ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy_global_to_local"),
             "shared_bytes": compiled.metadata.shared,
-            "cp_async_ptx": len(re.findall(r"cp\.async\.(?:cg|ca)", compiled.asm["ptx"]))}
+            "cp_async_ptx": len(re.findall(r"cp\.async\.(?:cg|ca)", compiled.asm["ptx"])),
+            "wgmma_ptx": len(re.findall(r"wgmma\.mma_async", compiled.asm["ptx"])),
+            "mma_sync_ptx": len(re.findall(r"\bmma\.sync", compiled.asm["ptx"]))}
 
 
 H100 = "NVIDIA H100 80GB HBM3"
 
 
-def _linear_case(tokens: int, projection: str, num_stages: int | None = None):
+def _linear_case(tokens: int, projection: str, num_stages: int | None = None, swap_ab: bool | None = None):
     """The 7B decode linear as the triton backend runs it (tuned H100 configuration; ``num_stages`` overrides
-    its pipelining depth - 1 leaves the loop unpipelined, the check's control)."""
+    its pipelining depth - 1 leaves the loop unpipelined, the check's control; ``swap_ab`` its operand order,
+    with at least 64 weight rows a tile when swapped)."""
     import dataclasses
 
     from fastdllm_kernels.linear import kernel as lk
-    from fastdllm_kernels.linear.configs import pick_config
+    from fastdllm_kernels.linear.configs import pick_config, pick_strategy
 
     d, inter = 3584, 18944
     n, k, kw = {"gate_up": (inter, d, dict(swiglu=True, row_rms=True)),
@@ -95,8 +98,12 @@ def _linear_case(tokens: int, projection: str, num_stages: int | None = None):
     x = torch.empty(tokens, k, dtype=torch.bfloat16)
     w = torch.empty(n * (2 if kw.get("swiglu") else 1), k, dtype=torch.bfloat16)
     cfg = pick_config(tokens, n, k, kw.get("swiglu", False), 132, H100)
+    if pick_strategy(tokens, n, k, kw.get("swiglu", False), H100) == "norm_then_fused":
+        kw.pop("row_rms", None)                 # a norm kernel runs first; the fused linear gets normalised rows
     if num_stages is not None:
         cfg = dataclasses.replace(cfg, num_stages=num_stages)
+    if swap_ab is not None:
+        cfg = dataclasses.replace(cfg, swap_ab=swap_ab, block_n=max(64, cfg.block_n) if swap_ab else cfg.block_n)
     return [lk.fused_linear_kernel], lambda: lk.fused_linear(x, w, config=cfg, **kw)
 
 
@@ -161,6 +168,8 @@ CASES = {"linear_gate_up_8": lambda: _linear_case(8, "gate_up"),
          "linear_gate_up_32": lambda: _linear_case(32, "gate_up"),
          "linear_down_8": lambda: _linear_case(8, "down"), "linear_down_32": lambda: _linear_case(32, "down"),
          "linear_gate_up_8_one_stage": lambda: _linear_case(8, "gate_up", num_stages=1),
+         "linear_down_32_swapped": lambda: _linear_case(32, "down", swap_ab=True),
+         "linear_down_32_unswapped": lambda: _linear_case(32, "down", swap_ab=False),
          "qkv_rope_7B_8": lambda: _qkv_rope_case(8, "7B"), "qkv_rope_7B_32": lambda: _qkv_rope_case(32, "7B"),
          "qkv_rope_1.5B_8": lambda: _qkv_rope_case(8, "1.5B"),
          "qkv_rope_1.5B_32": lambda: _qkv_rope_case(32, "1.5B"),

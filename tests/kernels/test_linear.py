@@ -19,6 +19,8 @@ FUSIONS = {
     "norm_swiglu": dict(norm=True, swiglu=True),                   # gate/up
     "rms_swiglu": dict(row_rms=True, swiglu=True),                 # gate/up, the norm gain folded in
     "norm_fp32_out": dict(norm=True, out_dtype=torch.float32),     # LM head
+    "swiglu": dict(swiglu=True),                                   # gate/up after a norm kernel
+    "bias_fp32_out": dict(bias=True, out_dtype=torch.float32),     # a head after a norm kernel, with a bias
 }
 
 
@@ -66,6 +68,25 @@ def test_fused_linear_split_k_reduces_every_partial_once(fusion, split_k, K):
     _case(torch.float32, 40, 48, K, fusion, LinearConfig(block_m=32, block_n=32, block_k=64, split_k=split_k))
     # the last split of every tile resets its counter: the next call starts from zero
     assert all(int(c.abs().sum()) == 0 for c in _COUNTERS.values())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fusion", ["plain", "residual", "swiglu", "bias_fp32_out"])
+@pytest.mark.parametrize("M, split_k, stages", [(1, 1, 4), (8, 3, 3), (16, 1, 2), (32, 1, 4), (40, 2, 3)])
+def test_fused_linear_with_swapped_operands(dtype, fusion, M, split_k, stages):
+    # weight tile @ x.T, transposed back before the split reduction and epilogue: the same linear (40 rows:
+    # two row tiles; 80 columns: a ragged column tile of 64; K 320 over 3 splits: uneven) - every fusion
+    # without the row norm (O, down; gate/up after a norm kernel; a head after one)
+    cfg = LinearConfig(block_m=16 if M <= 16 else 32, block_n=64, block_k=64, split_k=split_k, num_stages=stages,
+                       swap_ab=True)
+    _case(dtype, M, 80, 320, fusion, cfg)
+
+
+@pytest.mark.parametrize("fusion", ["norm_bias", "rms_swiglu", "norm_fp32_out"])
+def test_swapped_operands_with_the_row_norm_are_refused(fusion):
+    x, w, kw = _inputs(torch.float32, 8, 80, 320, fusion)
+    with pytest.raises(ValueError, match="norm_then_fused"):
+        fused_linear(x, w, config=LinearConfig(16, 64, 64, swap_ab=True), **kw)
 
 
 def test_fused_linear_split_k_is_deterministic():
@@ -158,5 +179,9 @@ def test_shipped_tuned_table_is_well_formed():
                 continue
             cfg = LinearConfig(**entry["config"])
             assert cfg.block_m == bm and cfg.split_k >= 1, (gpu, key, cfg)
+            # swapped operands: only fused_linear has them, and only wide weight tiles use the warpgroup MMA
+            assert not cfg.swap_ab or (kind != "rope" and cfg.block_n >= 64), (gpu, key, cfg)
+            # gate/up's fused strategy normalises in the prologue: swapped only after a norm kernel
+            assert not (cfg.swap_ab and kind == "1") or entry["strategy"] == "norm_then_fused", (gpu, key, entry)
             for size in (cfg.block_m, cfg.block_n, cfg.block_k):
                 assert size >= 16 and size & (size - 1) == 0, (gpu, key, cfg)

@@ -41,6 +41,14 @@ def test_qkv_projection_with_rope_epilogue_streams_its_weight_through_pipelined_
     assert launch["async_copies"] > 0 and launch["cp_async_ptx"] > 0, launch
 
 
+def test_swapped_operands_put_the_weight_tile_on_the_warpgroup_mma(launches):
+    # the point of swap_ab (kernels/linear/kernel.py): with the weight tile as the left operand (>= 64 rows)
+    # Hopper's wgmma reads it from shared memory; tokens as the left operand (8-32 rows) leave mma.sync
+    (swapped,), (unswapped,) = launches["linear_down_32_swapped"], launches["linear_down_32_unswapped"]
+    assert swapped["wgmma_ptx"] > 0 and swapped["async_copies"] > 0, swapped
+    assert unswapped["wgmma_ptx"] == 0 and unswapped["mma_sync_ptx"] > 0, unswapped
+
+
 def test_the_check_sees_a_loop_left_unpipelined(launches):
     (launch,) = launches["linear_gate_up_8_one_stage"]
     assert launch["async_copies"] == 0 and launch["cp_async_ptx"] == 0, launch

@@ -103,3 +103,11 @@ def test_the_table_chooses_fused_or_separate_per_shape(monkeypatch):
     monkeypatch.setattr(configs, "tuned_table", lambda: tuned)
     assert pick_qkv_rope(8, 2048, 1536, gpu="gpu") == ("separate", None)
     assert pick_qkv_rope(30, 2048, 1536, gpu="gpu") == ("fused", LinearConfig(32, 64, 128, 4))
+
+
+def test_swapped_operands_are_refused():
+    # the epilogue needs each row's 1/rms, which the swapped tiling cannot compute (kernels/linear/kernel.py)
+    x, w, b, cos, sin, pos, dest, slots = _problem(torch.float32, 4, 4, 2, 64, 128, True)
+    with pytest.raises(ValueError, match="swap_ab=False"):
+        qkv_rope_write(x, w, b, 1e-6, 4, 2, cos, sin, pos, dest, slots, *_caches(torch.float32, 2, 64),
+                       config=LinearConfig(16, 32, 64, swap_ab=True))
