@@ -39,9 +39,10 @@ def ours(rt, batch, prompt_len, new, backend):
 
 
 def captured_graphs(rt) -> int:
-    """CUDA graphs held by the runtime's pooled caches (a capture inside the timed call counts in its forwards)."""
+    """CUDA graphs captured so far by the runners of the runtime's pooled caches (a capture inside the timed
+    call counts in its forwards)."""
     caches = getattr(rt, "_caches", None)
-    return sum(len(r.graphs) for r in getattr(caches, "_runners", {}).values()) if caches is not None else 0
+    return sum(r.captures for r in getattr(caches, "_runners", {}).values()) if caches is not None else 0
 
 
 def hf_baseline(fields, sd, prompt_len, new):

@@ -49,8 +49,11 @@ class Caches:
         self.reuse = {}
 
     def reset(self) -> None:
-        """Hand every slot back (the contents stay; every reader writes before it reads)."""
+        """Hand every slot back (the contents stay; every reader writes before it reads); a new call begins
+        for the graph runners' schedules."""
         self._free = list(range(self.num_slots - 1, -1, -1))
+        for runner in self._runners.values():
+            runner.schedule.new_call()
 
     def fits(self, num_slots: int, max_len: int, reuse_layers, reuse_mode) -> bool:
         return (num_slots <= self.num_slots and max_len <= self.max_len

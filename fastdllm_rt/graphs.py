@@ -3,13 +3,16 @@
 A decode step at batch 1 launches ~250 small kernels; replaying them from a CUDA graph removes the host's
 launch cost, which otherwise exceeds the GPU time. Graphs are keyed by the batch's layout signature (row
 kinds, rows per kind, tokens per row, skipped-layer rows): the full-block, sub-block (computing or skipping)
-and commit steps of a batch each get one. A step whose layout has no graph yet runs once eagerly (compiling
-any kernel), is captured, then replayed; prefill and plain windows, whose lengths vary, always run eagerly.
+and commit steps of a batch each get one. A layout runs eagerly the first time it is seen; the second time it
+is captured (one more eager run compiles kernels and allocates) and replayed from then on (``CaptureSchedule``
+says why and which graphs are kept). Prefill and plain windows, whose lengths vary, always run eagerly.
 
 Counters: the model counts layer evaluations as its Python code runs, which a replay does not do. The runner
 records what the captured forward counted and adds exactly that on every replay.
 """
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 
@@ -23,13 +26,70 @@ class _Captured:
     __slots__ = ("graph", "buffer", "batch", "logits", "computed", "skipped")
 
 
+class CaptureSchedule:
+    """Which batch layouts hold a CUDA graph.
+
+    * A layout is captured the second time it is seen: a one-off layout (a batch whose rows finish at different
+      steps passes through many) runs eagerly instead of paying a capture.
+    * At most ``max_graphs`` are held. When full, a new layout takes the place of the least recently replayed
+      graph only if that graph has not been replayed since the current call began (``new_call``, at each
+      generate or scoring call's cache reset); otherwise it runs eagerly. So a later call with other layouts
+      gets its graphs, while one call cycling through more layouts than the budget (a block's sub-block steps
+      differ in how many logits they ask for) keeps the graphs it holds instead of recapturing in a loop.
+
+    The fixed budget before (session 11) kept whatever came first: after a batch of 32 had filled it, every step
+    of a later batch-1 call ran eagerly - 67.7 tokens/s instead of 159 (device run 90). Plain least-recently-used
+    eviction fixed that but made a batch of 32 recapture throughout: 929 tokens/s instead of 1414-1527 (run 91)."""
+
+    def __init__(self, max_graphs: int = 32, max_sightings: int = 4096):
+        self.max_graphs, self.max_sightings = max_graphs, max_sightings
+        self.held: OrderedDict = OrderedDict()          # signature -> graph, least recently replayed first
+        self._call_of: dict = {}                        # signature -> the call that last replayed it
+        self._sighted: OrderedDict = OrderedDict()      # layouts seen and not (yet) captured
+        self._call = 0
+
+    def new_call(self) -> None:
+        self._call += 1
+
+    def get(self, sig):
+        """The graph held for ``sig`` (now the most recently used), or None."""
+        cap = self.held.get(sig)
+        if cap is not None:
+            self.held.move_to_end(sig)
+            self._call_of[sig] = self._call
+        return cap
+
+    def admit(self, sig) -> bool:
+        """Whether ``sig`` (not held) is captured now; makes room by evicting a stale graph if needed."""
+        if sig not in self._sighted:
+            self._sighted[sig] = None
+            if len(self._sighted) > self.max_sightings:
+                self._sighted.popitem(last=False)
+            return False
+        if len(self.held) >= self.max_graphs:
+            oldest = next(iter(self.held))
+            if self._call_of[oldest] == self._call:
+                return False                            # every held graph is in use in this call
+            del self.held[oldest], self._call_of[oldest]    # its memory goes back to the graph pool
+        del self._sighted[sig]
+        return True
+
+    def hold(self, sig, cap) -> None:
+        self.held[sig] = cap
+        self._call_of[sig] = self._call
+
+    def clear(self) -> None:
+        self.held.clear()
+        self._call_of.clear()
+        self._sighted.clear()
+
+
 class GraphRunner:
     def __init__(self, model, caches, reuse, max_graphs: int = 32):
         self.model, self.caches, self.reuse = model, caches, reuse
-        self.graphs: dict[tuple, _Captured] = {}
-        self.max_graphs = max_graphs
+        self.schedule = CaptureSchedule(max_graphs)
         self.pool = torch.cuda.graph_pool_handle()
-        self.replays = 0
+        self.replays = self.captures = 0
         self.last: _Captured | None = None          # the graph the latest forward replayed (benchmarks time it)
 
     def forward(self, requests, block_size: int):
@@ -37,14 +97,15 @@ class GraphRunner:
         packed = pack_batch(requests, block_size)
         kinds = {kind for kind, *_ in packed.layout}
         sig = packed.signature
-        if (not kinds <= GRAPHABLE or packed.T > MAX_GRAPH_TOKENS
-                or (sig not in self.graphs and len(self.graphs) >= self.max_graphs)):
+        graphable = kinds <= GRAPHABLE and packed.T <= MAX_GRAPH_TOKENS
+        cap = self.schedule.get(sig) if graphable else None
+        if cap is None and graphable and self.schedule.admit(sig):
+            cap = self._capture(packed)
+            self.schedule.hold(sig, cap)
+            self.captures += 1
+        if cap is None:
             batch = upload(packed, self.model.device)
             return self.model(batch, self.caches, self.reuse), batch
-        cap = self.graphs.get(sig)
-        if cap is None:
-            cap = self._capture(packed)
-            self.graphs[sig] = cap
         cap.buffer.copy_(packed.host, non_blocking=True)
         cap.graph.replay()
         batch = rebind(cap.batch, packed)                 # host work while the GPU runs
@@ -56,8 +117,14 @@ class GraphRunner:
             m.layer_rows_skipped[i] += s
         return cap.logits.clone(), batch
 
+    @property
+    def graphs(self) -> dict:
+        """The graphs held now, by layout signature."""
+        return self.schedule.held
+
     def close(self) -> None:
-        self.graphs.clear()
+        self.schedule.clear()
+        self.last = None
         self.caches = None
 
     def _capture(self, packed) -> _Captured:
