@@ -32,17 +32,22 @@ class CaptureSchedule:
     * A layout is captured the second time it is seen: a one-off layout (a batch whose rows finish at different
       steps passes through many) runs eagerly instead of paying a capture.
     * At most ``max_graphs`` are held. When full, a new layout takes the place of the least recently replayed
-      graph only if that graph has not been replayed since the current call began (``new_call``, at each
-      generate or scoring call's cache reset); otherwise it runs eagerly. So a later call with other layouts
-      gets its graphs, while one call cycling through more layouts than the budget (a block's sub-block steps
-      differ in how many logits they ask for) keeps the graphs it holds instead of recapturing in a loop.
+      graph only if that graph was replayed in neither the current call nor the one before (``new_call``, at
+      each generate or scoring call's cache reset); otherwise it runs eagerly. So a later call with other
+      layouts gets its graphs from its second call on, while a batch whose rows drift apart - passing through
+      more layouts than the budget, most of them briefly - keeps the graphs it holds instead of recapturing.
 
-    The fixed budget before (session 11) kept whatever came first: after a batch of 32 had filled it, every step
-    of a later batch-1 call ran eagerly - 67.7 tokens/s instead of 159 (device run 90). Plain least-recently-used
-    eviction fixed that but made a batch of 32 recapture throughout: 929 tokens/s instead of 1414-1527 (run 91)."""
+    Measured: the fixed budget before (session 11) kept whatever came first: after a batch of 32 had filled it,
+    every step of a later batch-1 call ran eagerly - 67.7 tokens/s instead of 159 (device run 90). Plain
+    least-recently-used eviction fixed that but made a batch of 32 recapture throughout: 929 tokens/s instead
+    of 1414-1527 (run 91). Replaying the layout sequence of bench/e2e.py's calls on the tiny checkpoint (CPU;
+    a batch of 32 passes through 127 layouts in 288 forwards, 67 of them once) through this schedule: the
+    timed batch-32 call replays 117 forwards and captures none (the fixed budget: 61 replays; LRU: 127
+    captures), the batch-1 calls after it capture 3 graphs in their second call and replay every forward of
+    the third."""
 
-    def __init__(self, max_graphs: int = 32, max_sightings: int = 4096):
-        self.max_graphs, self.max_sightings = max_graphs, max_sightings
+    def __init__(self, max_graphs: int = 32, max_sightings: int = 4096, keep_calls: int = 2):
+        self.max_graphs, self.max_sightings, self.keep_calls = max_graphs, max_sightings, keep_calls
         self.held: OrderedDict = OrderedDict()          # signature -> graph, least recently replayed first
         self._call_of: dict = {}                        # signature -> the call that last replayed it
         self._sighted: OrderedDict = OrderedDict()      # layouts seen and not (yet) captured
@@ -68,8 +73,8 @@ class CaptureSchedule:
             return False
         if len(self.held) >= self.max_graphs:
             oldest = next(iter(self.held))
-            if self._call_of[oldest] == self._call:
-                return False                            # every held graph is in use in this call
+            if self._call_of[oldest] > self._call - self.keep_calls:
+                return False                            # every held graph was replayed lately
             del self.held[oldest], self._call_of[oldest]    # its memory goes back to the graph pool
         del self._sighted[sig]
         return True

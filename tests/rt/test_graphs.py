@@ -40,9 +40,11 @@ def test_a_later_call_gets_graphs_when_an_earlier_one_filled_the_budget():
         _step(s, ("b32", sig))
         _step(s, ("b32", sig))
     assert len(s.held) == 32
-    s.new_call()
+    s.new_call()                     # the next call: the batch of 32's graphs were replayed one call ago
+    assert {_step(s, ("b1", kind)) for _ in range(3) for kind in ("full", "sub", "commit")} == {"eager"}
+    s.new_call()                     # the call after: they are stale, and the batch-1 layouts were seen before
     steps = [_step(s, ("b1", kind)) for _ in range(3) for kind in ("full", "sub", "commit")]
-    assert steps == ["eager"] * 3 + ["capture"] * 3 + ["replay"] * 3
+    assert steps == ["capture"] * 3 + ["replay"] * 6
     assert len(s.held) == 32 and all(("b1", k) in s.held for k in ("full", "sub", "commit"))
     assert ("b32", 3) in s.held and ("b32", 2) not in s.held    # the least recently replayed went first
 
@@ -60,14 +62,30 @@ def test_a_call_cycling_through_more_layouts_than_the_budget_does_not_recapture(
     assert second.count("capture") == 0 and second.count("eager") == 2 * 8
 
 
-def test_a_graph_in_use_in_this_call_is_not_evicted():
+def test_a_graph_replayed_in_this_or_the_last_call_is_not_evicted():
     s = CaptureSchedule(max_graphs=2)
     for sig in ("a", "a", "b", "b"):
         _step(s, sig)
     assert [_step(s, "c") for _ in range(3)] == ["eager"] * 3     # a and b were replayed in this call
     s.new_call()
-    _step(s, "a")                                        # a replayed in the new call: b is stale
+    _step(s, "a")
+    assert _step(s, "c") == "eager"                      # b was replayed in the call before
+    s.new_call()
+    _step(s, "a")                                        # a replayed in every call: b is the stale one
     assert _step(s, "c") == "capture" and list(s.held) == ["a", "c"]
+
+
+def test_a_batch_whose_rows_drift_apart_keeps_its_graphs_across_calls():
+    # the same call twice: a core of layouts every few steps, and many that come and go (as a batch of 32
+    # whose rows finish at different steps passes through): the second call recaptures nothing
+    core = [("core", i) for i in range(30)]
+    sequence = [sig for round_ in range(10) for sig in core + [("drift", round_, j) for j in range(6)]]
+    s = CaptureSchedule(max_graphs=30)
+    first = [_step(s, sig) for sig in sequence]
+    s.new_call()
+    second = [_step(s, sig) for sig in sequence]
+    assert first.count("capture") == 30 and second.count("capture") == 0
+    assert second.count("replay") == 300 and second.count("eager") == 60
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (the schedule is tested above)")
@@ -82,7 +100,8 @@ def test_generations_stay_exact_while_graphs_are_evicted(tmp_path):
     assert tri.generate(batches[0], max_new_tokens=48, use_block_cache=True).tokens == want[0].tokens
     caches = tri._caches                                 # pooled: the calls below reuse them and their runner
     (runner,) = caches._runners.values()
-    runner.schedule.max_graphs = 2                       # far fewer than the layouts these calls pass through
+    runner.schedule.max_graphs = 2                       # far fewer than the layouts these calls pass through,
+    runner.schedule.keep_calls = 1                       # and any graph not replayed in this call may go
     captures = runner.captures
     for _ in range(2):
         for prompts, expect in zip(batches, want):
