@@ -71,7 +71,7 @@ class CaptureSchedule:
             if len(self._sighted) > self.max_sightings:
                 self._sighted.popitem(last=False)
             return False
-        if len(self.held) >= self.max_graphs:
+        while len(self.held) >= self.max_graphs:       # (a loop: the budget may have been lowered)
             oldest = next(iter(self.held))
             if self._call_of[oldest] > self._call - self.keep_calls:
                 return False                            # every held graph was replayed lately
