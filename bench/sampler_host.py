@@ -111,5 +111,6 @@ def main():
           f"{row['gpu_choice_to_next_forward_us_median']:.0f} us, "
           f"sum {row['gpu_choice_to_next_forward_ms_sum']:.1f} ms")
 
+
 if __name__ == "__main__":
     main()

@@ -39,6 +39,17 @@ MAX_TILES = 1 << 16
 
 
 @triton.jit
+def _dot_rows(x, w, acc, SWAP_AB: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc += x @ w.T, or with swapped operands (the weight tile on the MMA's left, module docstring) its
+    transpose: acc [BLOCK_N, BLOCK_M] += w @ x.T."""
+    if SWAP_AB:
+        acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PREC)
+    else:
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
 def _partial_tile(p_x, p_w, p_gamma, rm, rn, m_ok, n_ok, k_lo, K, PAIR_OFFSET, stride_xm, stride_wn,
                   K_PER_SPLIT, NORM: tl.constexpr, GAMMA: tl.constexpr, PAIRED: tl.constexpr, EVEN_K: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -51,12 +62,10 @@ def _partial_tile(p_x, p_w, p_gamma, rm, rn, m_ok, n_ok, k_lo, K, PAIR_OFFSET, s
     x_ptrs = p_x + rm[:, None].to(tl.int64) * stride_xm + (k_lo + rk)[None, :]
     w_ptrs = p_w + rn[:, None].to(tl.int64) * stride_wn + (k_lo + rk)[None, :]
     u_ptrs = w_ptrs + PAIR_OFFSET * stride_wn
-    if SWAP_AB:
-        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        acc_u = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    ACC_ROWS: tl.constexpr = BLOCK_N if SWAP_AB else BLOCK_M
+    ACC_COLS: tl.constexpr = BLOCK_M if SWAP_AB else BLOCK_N
+    acc = tl.zeros([ACC_ROWS, ACC_COLS], tl.float32)
+    acc_u = tl.zeros([ACC_ROWS, ACC_COLS], tl.float32)
     gram = tl.zeros([BLOCK_M, BLOCK_M], tl.float32)
     for k0 in range(0, K_PER_SPLIT, BLOCK_K):
         if EVEN_K:
@@ -77,19 +86,13 @@ def _partial_tile(p_x, p_w, p_gamma, rm, rn, m_ok, n_ok, k_lo, K, PAIR_OFFSET, s
             else:
                 g = tl.load(p_gamma + k_lo + k0 + rk, mask=(k_lo + k0 + rk) < K, other=0.0)
             x = (x.to(tl.float32) * g.to(tl.float32)).to(w.dtype)
-        if SWAP_AB:                             # the weight tile as the left operand (module docstring)
-            acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PREC)
-        else:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
+        acc = _dot_rows(x, w, acc, SWAP_AB, DOT_PREC)
         if PAIRED:
             if EVEN_K:
                 u = tl.load(u_ptrs, mask=n_ok[:, None], other=0.0, eviction_policy="evict_first")
             else:
                 u = tl.load(u_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
-            if SWAP_AB:
-                acc_u = tl.dot(u, tl.trans(x), acc_u, input_precision=DOT_PREC)
-            else:
-                acc_u = tl.dot(x, tl.trans(u), acc_u, input_precision=DOT_PREC)
+            acc_u = _dot_rows(x, u, acc_u, SWAP_AB, DOT_PREC)
             u_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
