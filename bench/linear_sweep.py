@@ -20,6 +20,7 @@ kernel), and tables the faster under the shape's ``rope`` key.
     python bench/linear_sweep.py [--shapes 7B,1.5B] [--tokens 8,32] [--projections qkv,gate_up,qkv_rope] [--no-write]
 """
 import argparse
+import dataclasses
 import json
 import time
 
@@ -63,6 +64,17 @@ def candidates(M: int, N: int, K: int, swiglu: bool, num_sms: int, swap_ab: bool
             yield LinearConfig(bm, bn, bk, split, warps, stages)
             if swap_ab and bn >= 64:
                 yield LinearConfig(bm, bn, bk, split, warps, stages, swap_ab=True)
+
+
+def depth_variants(cfg: LinearConfig, swiglu: bool):
+    """The tiling and split of ``cfg`` at every pipeline depth that fits the shared memory and at 4 and 8 warps:
+    fewer stages let two programs share an SM, more keep more of one program's weight bytes in flight."""
+    stage_bytes = (cfg.block_n * (2 if swiglu else 1) + cfg.block_m) * cfg.block_k * 2
+    for stages in range(2, 8):
+        if stages * stage_bytes > (220 << 10):
+            break
+        for warps in (4, 8):
+            yield dataclasses.replace(cfg, num_stages=stages, num_warps=warps)
 
 
 def qkv_rope_candidates(M: int, N: int, K: int, head_dim: int, num_sms: int):
@@ -156,9 +168,13 @@ def main():
     ap.add_argument("--projections", default="qkv,o,gate_up,down,head,qkv_rope")
     ap.add_argument("--no-write", action="store_true", help="do not update kernels/linear/tuned.json")
     ap.add_argument("--swap-ab", action="store_true", help="time swapped-operand tilings too (see candidates)")
+    ap.add_argument("--around-table", action="store_true",
+                    help="time only the table's strategy and tiling, at every pipeline depth and warp count "
+                         "(depth_variants); every variant's time goes to the record")
     args = ap.parse_args()
-    command = "python bench/linear_sweep.py --shapes {} --tokens {} --projections {}{}".format(
-        args.shapes, args.tokens, args.projections, " --swap-ab" if args.swap_ab else "")
+    command = "python bench/linear_sweep.py --shapes {} --tokens {} --projections {}{}{}".format(
+        args.shapes, args.tokens, args.projections, " --swap-ab" if args.swap_ab else "",
+        " --around-table" if args.around_table else "")
     assert DEVICE == "cuda", "the sweep times kernels on a GPU"
     gpu = torch.cuda.get_device_name()
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -210,10 +226,22 @@ def main():
                 norm = p.get("norm", False) or p.get("row_rms", False)
                 best = {}                                   # strategy -> (ms, config)
                 tried = 0
-                for strategy in ("fused", "norm_then_fused", "cublas") if norm else ("fused", "cublas"):
+                variants = {}                               # --around-table: every variant's time
+                strategies = ("fused", "norm_then_fused", "cublas") if norm else ("fused", "cublas")
+                entry = tuned.get(shape_key(M, N, K, swiglu))
+                if args.around_table:
+                    if not entry or entry["strategy"] == "cublas":
+                        print(f"{shape} {name} M={M}: the table has no fused entry to vary")
+                        continue
+                    strategies = (entry["strategy"],)
+                for strategy in strategies:
                     # no swapped operands with the row norm in the kernel's prologue (fused_linear refuses it)
                     swap = args.swap_ab and not (norm and strategy == "fused")
-                    for cfg in (candidates(M, N, K, swiglu, num_sms, swap) if strategy != "cublas" else [None]):
+                    if args.around_table:
+                        cfgs = list(depth_variants(LinearConfig(**entry["config"]), swiglu))
+                    else:
+                        cfgs = candidates(M, N, K, swiglu, num_sms, swap) if strategy != "cublas" else [None]
+                    for cfg in cfgs:
                         fn = lambda: rot(lambda w_: linear(x, w_, strategy=strategy, config=cfg, **call))  # noqa: E731
                         try:
                             ms = graph_time(fn, reps=20, iters=10)["p50_ms"]
@@ -221,6 +249,8 @@ def main():
                             print(f"  skip {strategy} {cfg}: {type(e).__name__}")
                             continue
                         tried += 1
+                        if args.around_table:
+                            variants[f"stages={cfg.num_stages},warps={cfg.num_warps}"] = ms
                         label = strategy + ("/swap_ab" if cfg is not None and cfg.swap_ab else "")
                         if ms < best.get(label, (float("inf"),))[0]:
                             best[label] = (ms, cfg)     # swapped tilings apart, so the record compares them
@@ -239,7 +269,11 @@ def main():
                                    floor_ms=floor_ms, ours_TBps=w.numel() * 2 / best_ms / 1e9,
                                    cublas_TBps=w.numel() * 2 / cublas / 1e9, copy_GBps=bw, config=cfg and cfg.to_json(),
                                    candidates=tried, rel_err_vs_fp32=rel, pdl=pdl_enabled(x.device),
-                                   command=command))
+                                   command=command, **({"table_config": entry["config"], "variants_ms": variants}
+                                                       if args.around_table else {})))
+                if variants:
+                    print(f"{shape:4} {name:8} M={M:2d} table {entry['config']}: " + "  ".join(
+                        f"{k} {v * 1e3:.1f}" for k, v in variants.items()))
                 print(f"{shape:4} {name:8} M={M:2d} " + "  ".join(f"{k} {v[0] * 1e3:.1f}" for k, v in best.items())
                       + f"  cublas-matmul {cublas * 1e3:.1f}  floor {floor_ms * 1e3:.1f} us  {cfg}"
                       f"  ({time.time() - t_start:.0f}s)", flush=True)
