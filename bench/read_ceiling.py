@@ -87,22 +87,24 @@ def main():
         for name, nbytes in projection_bytes(SHAPES[shape]).items():
             copies = max(1, -(-3 * L2_BYTES // nbytes))
             bufs = [torch.empty(nbytes // 2, dtype=torch.bfloat16, device=DEVICE).normal_() for _ in range(copies)]
-            best = None
+            best, by_per_sm = None, {}
             for per_sm, block, stages, warps in itertools.product(
                     *(map(int, getattr(args, a).split(",")) for a in ("per_sm", "blocks", "stages", "warps"))):
                 def fn(i, grid=per_sm * sms, block=block, stages=stages, warps=warps):
                     read_sum_kernel[(grid,)](bufs[i], bufs[i].numel(), sink, BLOCK=block, STAGES=stages,
                                              num_warps=warps)
                 t = graph_us(fn, copies)
+                by_per_sm[per_sm] = min(t, by_per_sm.get(per_sm, t))
                 if best is None or t < best[0]:
                     best = (t, per_sm, block, stages, warps)
             t, per_sm, block, stages, warps = best
             floor_us = nbytes / copy_gbs / 1e3
             record("read_ceiling", shape=shape, weight=name, bytes=nbytes, read_us=t, read_tbs=nbytes / t / 1e6,
                    copy_floor_us=floor_us, copy_tbs=copy_gbs / 1e3, per_sm=per_sm, block=block, stages=stages,
-                   warps=warps, command=command)
+                   warps=warps, best_us_by_programs_per_sm=by_per_sm, command=command)
             print(f"{shape:5} {name:8} {nbytes / 1e6:7.1f} {floor_us:13.1f} {t:8.1f} {nbytes / t / 1e6:5.2f}  "
-                  f"{per_sm}, {block}, {stages}, {warps}")
+                  f"{per_sm}, {block}, {stages}, {warps}   by programs per SM: "
+                  + ", ".join(f"{k}: {v:.1f}" for k, v in by_per_sm.items()))
 
 
 if __name__ == "__main__":
