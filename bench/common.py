@@ -100,6 +100,34 @@ def graph_time(fn, reps: int = 20, iters: int = 20) -> dict:
     return {k: v / reps for k, v in t.items()}
 
 
+def rotating_graph_ms(body, copies: int, reps: int = 3, iters: int = 20, capture_body=None) -> float:
+    """Median GPU time (ms) of one ``body(i)`` call: ``reps`` passes over ``i = 0 .. copies - 1`` captured in one
+    CUDA graph, so a call's inputs were last touched ``copies - 1`` calls earlier - pick ``copies`` so that the
+    rotating inputs exceed the L2 and every call reads from HBM. ``capture_body`` (default ``body``) is what
+    the graph records; ``body`` alone warms up eagerly first."""
+    for i in range(copies):
+        body(i)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            for i in range(copies):
+                (capture_body or body)(i)
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2] / (reps * copies)
+
+
 def kernel_times_us(fn, calls: int) -> dict:
     """Mean device time per call (us) of each GPU kernel ``fn`` launches, by kernel name: ``calls`` calls under
     the torch profiler (the runtime's ``fastdllm:`` ranges and memory copies left out). Warm ``fn`` up first."""

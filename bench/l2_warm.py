@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from common import ATTENTION_HEADS, DEVICE, SHAPES, decode_attention_inputs, record
+from common import ATTENTION_HEADS, DEVICE, SHAPES, decode_attention_inputs, record, rotating_graph_ms
 
 from fastdllm_kernels.attention.kernel import decode_attention
 from fastdllm_kernels.linear.dispatch import linear
@@ -44,29 +44,10 @@ def l2_warm(w, sink, grid):
 
 
 def graph_ms(body, copies: int, reps: int = 3, iters: int = 20) -> float:
-    """Median GPU time of one ``body(i)`` call: ``reps`` passes over the ``copies`` rotating inputs in one graph."""
-    for i in range(copies):
-        body(i)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
+    """Median GPU time of one ``body(i)`` call over the ``copies`` rotating inputs; the graph records
+    ``body(i, side)`` with a side stream for the overlap case."""
     side = torch.cuda.Stream()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            for i in range(copies):
-                body(i, side)
-    times = []
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2] / (reps * copies)
+    return rotating_graph_ms(body, copies, reps, iters, capture_body=lambda i: body(i, side))
 
 
 def main():

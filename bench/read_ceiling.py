@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from common import DEVICE, SHAPES, copy_bandwidth_gbs, record
+from common import DEVICE, SHAPES, copy_bandwidth_gbs, record, rotating_graph_ms
 
 L2_BYTES = 50 << 20
 
@@ -41,31 +41,6 @@ def projection_bytes(fields: dict) -> dict:
     hd = d // fields["num_attention_heads"]
     q, kv = fields["num_attention_heads"] * hd, fields["num_key_value_heads"] * hd
     return {"qkv": (q + 2 * kv) * d * 2, "o": d * q * 2, "gate_up": 2 * f * d * 2, "down": d * f * 2}
-
-
-def graph_us(fn, copies: int, reps: int = 4, iters: int = 15) -> float:
-    """Median GPU time of one ``fn(i)``: ``reps`` passes over ``copies`` rotating inputs in one CUDA graph."""
-    for i in range(copies):
-        fn(i)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            for i in range(copies):
-                fn(i)
-    times = []
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / (reps * copies))
-    times.sort()
-    return times[len(times) // 2]
 
 
 def main():
@@ -93,7 +68,7 @@ def main():
                 def fn(i, grid=per_sm * sms, block=block, stages=stages, warps=warps):
                     read_sum_kernel[(grid,)](bufs[i], bufs[i].numel(), sink, BLOCK=block, STAGES=stages,
                                              num_warps=warps)
-                t = graph_us(fn, copies)
+                t = rotating_graph_ms(fn, copies, reps=4, iters=15) * 1e3
                 by_per_sm[per_sm] = min(t, by_per_sm.get(per_sm, t))
                 if best is None or t < best[0]:
                     best = (t, per_sm, block, stages, warps)

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from common import DEVICE, SHAPES, copy_bandwidth_gbs, record
+from common import DEVICE, SHAPES, copy_bandwidth_gbs, record, rotating_graph_ms
 
 L2_BYTES = 50 << 20
 
@@ -72,28 +72,9 @@ def make_call(kind: str, x, w, y, bm: int, bn: int, bk: int, stages: int, warps:
                                        BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, WS=kind == "tma_ws", num_warps=warps)
 
 
-def graph_us(call, ws: list, reps: int = 4, iters: int = 15) -> float:
-    for w_ in ws:
-        call(w_)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            for w_ in ws:
-                call(w_)
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / (reps * len(ws)))
-    times.sort()
-    return times[len(times) // 2]
+def graph_us(call, ws: list) -> float:
+    """Median GPU time (us) of ``call(w)``, cycling over the weight copies ``ws`` in one CUDA graph."""
+    return rotating_graph_ms(lambda i: call(ws[i]), len(ws), reps=4, iters=15) * 1e3
 
 
 def main():
