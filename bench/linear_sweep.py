@@ -18,6 +18,7 @@ against the separate path the runtime otherwise runs (``linear`` - the table's Q
 kernel), and tables the faster under the shape's ``rope`` key.
 
     python bench/linear_sweep.py [--shapes 7B,1.5B] [--tokens 8,32] [--projections qkv,gate_up,qkv_rope] [--no-write]
+    python bench/linear_sweep.py --around-table --no-write   # the table's tilings at every depth and warp count
 """
 import argparse
 import dataclasses
@@ -231,7 +232,8 @@ def main():
                 entry = tuned.get(shape_key(M, N, K, swiglu))
                 if args.around_table:
                     if not entry or entry["strategy"] == "cublas":
-                        print(f"{shape} {name} M={M}: the table has no fused entry to vary")
+                        print(f"{shape} {name} M={M}: kernels/linear/tuned.json has no fused entry for {gpu} to vary "
+                              "(--around-table varies this GPU's own entries: sweep without it first)")
                         continue
                     strategies = (entry["strategy"],)
                 for strategy in strategies:

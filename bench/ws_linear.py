@@ -12,7 +12,7 @@ weight copies, at the 7B and 1.5B gate/up shapes:
 * ``tma``: tensor-descriptor (TMA) loads, same pipeline;
 * ``tma_ws``: TMA loads with ``tl.range(..., warp_specialize=True)`` - a producer warp issues the copies and the
   MMA warps only wait on barriers. Not in the default kinds: on the H100 with Triton 3.6 the 128 x 128 tile at
-  3 stages never finished (device run 99, a hang), which cost run 96 its time limit.
+  3 stages never finished (device run 99, a hang); run 96 ran out its time limit inside this kind.
 
 Not wired into the runtime; a probe for the next kernel.
 
