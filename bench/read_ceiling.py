@@ -6,7 +6,8 @@ than a copy. This script times the plainest read there is - a grid of programs s
 chunks (no MMA, no epilogue) - at each projection's weight size, every grid / chunk / pipeline depth, as a CUDA
 graph over rotating copies (together > 3 x the L2, so nothing is warm), and reports the best rate. A linear
 that reaches that time cannot stream its weight faster in any tiling; the gap between the two is what a better
-weight stream could still buy.
+weight stream could still buy. The same for one layer's KV cache at a few prefixes: the most of the copy
+bandwidth that decode attention could reach on those bytes.
 
     python bench/read_ceiling.py [--shapes 7B,1.5B]
 """
@@ -36,11 +37,15 @@ def read_sum_kernel(p, n, p_sink, BLOCK: tl.constexpr, STAGES: tl.constexpr):
         tl.store(p_sink, s)
 
 
-def projection_bytes(fields: dict) -> dict:
+def stream_bytes(fields: dict, kv_prefixes=()) -> dict:
+    """Bytes each decode kernel streams at batch 1: the four projections' weights, and one layer's K and V
+    cache at each prefix length in ``kv_prefixes`` (what decode attention must read, bf16)."""
     d, f = fields["hidden_size"], fields["intermediate_size"]
     hd = d // fields["num_attention_heads"]
     q, kv = fields["num_attention_heads"] * hd, fields["num_key_value_heads"] * hd
-    return {"qkv": (q + 2 * kv) * d * 2, "o": d * q * 2, "gate_up": 2 * f * d * 2, "down": d * f * 2}
+    sizes = {"qkv": (q + 2 * kv) * d * 2, "o": d * q * 2, "gate_up": 2 * f * d * 2, "down": d * f * 2}
+    sizes.update({f"kv@{n}": 2 * kv * n * 2 for n in kv_prefixes})
+    return sizes
 
 
 def main():
@@ -50,6 +55,7 @@ def main():
     ap.add_argument("--blocks", default="4096,16384")
     ap.add_argument("--stages", default="2,4")
     ap.add_argument("--warps", default="4,8")
+    ap.add_argument("--kv-prefixes", default="2048,8192", help="also one layer's KV cache at these prefixes")
     args = ap.parse_args()
     assert DEVICE == "cuda", "needs a GPU"
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -59,7 +65,8 @@ def main():
     print(f"copy bandwidth {copy_gbs / 1e3:.2f} TB/s (read + written)")
     print(f"{'shape':5} {'weight':8} {'MB':>7} {'copy-floor us':>13} {'read us':>8} {'TB/s':>5}  best (per SM, block, stages, warps)")
     for shape in args.shapes.split(","):
-        for name, nbytes in projection_bytes(SHAPES[shape]).items():
+        kv_prefixes = [int(n) for n in args.kv_prefixes.split(",") if n]
+        for name, nbytes in stream_bytes(SHAPES[shape], kv_prefixes).items():
             copies = max(1, -(-3 * L2_BYTES // nbytes))
             bufs = [torch.empty(nbytes // 2, dtype=torch.bfloat16, device=DEVICE).normal_() for _ in range(copies)]
             best, by_per_sm = None, {}
