@@ -147,8 +147,7 @@ def fused_linear_kernel(
         K_PER_SPLIT, SPLIT_K, NORM: tl.constexpr, GAMMA: tl.constexpr, BIAS: tl.constexpr,
         SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
-        PDL: tl.constexpr, SWAP_AB: tl.constexpr, SS_IN: tl.constexpr, SS_PARTS_BLOCK: tl.constexpr,
-        SS_OUT: tl.constexpr):
+        PDL: tl.constexpr, SWAP_AB: tl.constexpr, SS_IN: tl.constexpr, SS_OUT: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -169,19 +168,19 @@ def fused_linear_kernel(
                                               pid_k, SPLIT_K, GRAM, SWIGLU, BLOCK_M, BLOCK_N)
     if last:
         if SS_IN:
-            ss = _sum_row_parts(p_ss_in, rm, m_ok, M, SS_PARTS, BLOCK_M, SS_PARTS_BLOCK)
+            ss = _sum_row_parts(p_ss_in, rm, m_ok, M, SS_PARTS, BLOCK_M)
         _epilogue(acc, acc_u, ss, rm, rn, m_ok, n_ok, p_out, p_bias, p_res, K, stride_om, stride_rm, eps,
                   NORM, BIAS, SWIGLU, RESIDUAL, SS_OUT, p_ss_out + pid_n * M)
 
 
 @triton.jit
-def _sum_row_parts(p_parts, rm, m_ok, M, n_parts, BLOCK_M: tl.constexpr, PARTS_BLOCK: tl.constexpr):
-    """Each row's sum of squares from the producer's per-column-tile parts ([n_parts, M] fp32): one load of
-    every part (a loop of single loads waited out an L2 round trip per part - device run 103), summed by a
-    fixed reduction tree (deterministic)."""
-    t = tl.arange(0, PARTS_BLOCK)
-    parts = tl.load(p_parts + t[:, None] * M + rm[None, :], mask=(t < n_parts)[:, None] & m_ok[None, :], other=0.0)
-    return tl.sum(parts, axis=0)
+def _sum_row_parts(p_parts, rm, m_ok, M, n_parts, BLOCK_M: tl.constexpr):
+    """Each row's sum of squares from the producer's per-column-tile parts ([n_parts, M] fp32), added in tile
+    order (deterministic)."""
+    ss = tl.zeros([BLOCK_M], tl.float32)
+    for t in range(n_parts):
+        ss += tl.load(p_parts + t * M + rm, mask=m_ok, other=0.0)
+    return ss
 
 
 @triton.jit
@@ -296,7 +295,6 @@ def fused_linear(x, weight, *, norm_weight=None, row_rms: bool = False, eps: flo
         BIAS=bias is not None, SWIGLU=swiglu, RESIDUAL=residual is not None, EVEN_K=even_k,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl, SWAP_AB=cfg.swap_ab,
-        SS_IN=row_ss is not None, SS_PARTS_BLOCK=triton.next_power_of_2(row_ss.shape[0]) if row_ss is not None else 1,
-        SS_OUT=row_ss_out,
+        SS_IN=row_ss is not None, SS_OUT=row_ss_out,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl > 0)
     return (out, ss_out) if row_ss_out else out
