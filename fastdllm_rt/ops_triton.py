@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 
 from fastdllm_kernels.attention.kernel import decode_attention, prefill_attention
-from fastdllm_kernels.linear.configs import FUSED_MAX_TOKENS, device_name, pick_qkv_rope
+from fastdllm_kernels.linear.configs import device_name, pick_qkv_rope
 from fastdllm_kernels.linear.dispatch import linear
 from fastdllm_kernels.linear.qkv_rope import qkv_rope_write
 from fastdllm_kernels.rms_norm.kernel import add_rms_norm, rms_norm
@@ -69,7 +69,6 @@ class TritonOps:
         self._num_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count \
             if torch.cuda.is_available() else 2
         self._dummy = {}
-        self._row_ss = None         # (output, its rows' sums-of-squares parts) of the last linear_residual
 
     def adopt(self, model):
         fold_norm_gains(model)
@@ -89,15 +88,7 @@ class TritonOps:
                       num_sms=self._num_sms)
 
     def linear_residual(self, a, weight, residual):
-        """``residual + a @ weight.T``. At decode sizes the fused kernel also returns its output rows' sums of
-        squares (per column tile), kept with the output: the next ``norm_swiglu`` of that very tensor takes its
-        rows' 1/rms from them instead of a Gram tile in its K loop (or, where the table normalises first, a
-        norm kernel)."""
-        if a.shape[0] > FUSED_MAX_TOKENS:
-            return linear(a, weight, residual=residual, num_sms=self._num_sms)
-        y, parts = linear(a, weight, residual=residual, num_sms=self._num_sms, row_ss_out=True)
-        self._row_ss = (y, parts) if parts is not None else None
-        return y
+        return linear(a, weight, residual=residual, num_sms=self._num_sms)
 
     def qkv_projection(self, x, norm, proj) -> RawQKV:
         _require_folded(norm)
@@ -109,10 +100,7 @@ class TritonOps:
 
     def norm_swiglu(self, x, norm, gate_up_weight):
         _require_folded(norm)
-        produced, self._row_ss = self._row_ss, None
-        parts = produced[1] if produced is not None and produced[0] is x else None
-        return linear(x, gate_up_weight, row_rms=True, eps=norm.eps, swiglu=True, num_sms=self._num_sms,
-                      row_ss=parts)
+        return linear(x, gate_up_weight, row_rms=True, eps=norm.eps, swiglu=True, num_sms=self._num_sms)
 
     def rope(self, q, k, cos, sin):                 # dense (training/reference) path only
         return rope_ref(q, cos, sin), rope_ref(k, cos, sin)

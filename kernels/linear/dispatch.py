@@ -13,32 +13,21 @@ from .kernel import fused_linear
 
 
 def linear(x, weight, *, norm_weight=None, row_rms: bool = False, eps: float = 1e-6, bias=None, swiglu: bool = False,
-           residual=None, out_dtype=None, strategy: str | None = None, config=None, num_sms: int = 132,
-           row_ss=None, row_ss_out: bool = False):
+           residual=None, out_dtype=None, strategy: str | None = None, config=None, num_sms: int = 132):
     """``row_rms``: RMS-normalise the rows of x with no gain (the gain folded into ``weight``). Under
     ``cublas`` with SwiGLU at decode sizes the normalisation is a row scale inside the SwiGLU kernel, not a
     kernel of its own; above ``FUSED_MAX_TOKENS`` (prefill, scoring) the norm kernel runs first, since every
-    SwiGLU program would re-read its row (device run 6 of session 7: 1.5B scoring 7 % slower that way).
-
-    ``row_ss`` / ``row_ss_out``: as in ``fused_linear`` - the rows' sums of squares handed from the projection
-    that produced x to the one that normalises it. ``row_ss`` is used where the strategy runs the fused kernel
-    (``fused``, and ``norm_then_fused``, whose norm kernel it then replaces) and ignored otherwise;
-    with ``row_ss_out`` the result is ``(y, parts)``, ``parts`` None where no fused kernel ran."""
+    SwiGLU program would re-read its row (device run 6 of session 7: 1.5B scoring 7 % slower that way)."""
     N = weight.shape[0] // (2 if swiglu else 1)
     strategy = strategy or pick_strategy(x.shape[0], N, x.shape[1], swiglu, device_name(x.device))
-    if row_ss is not None and row_rms and strategy in ("fused", "norm_then_fused"):
-        return fused_linear(x, weight, row_rms=True, row_ss=row_ss, eps=eps, bias=bias, swiglu=swiglu,
-                            residual=residual, out_dtype=out_dtype, config=config, num_sms=num_sms,
-                            row_ss_out=row_ss_out)
     if strategy == "fused":
         return fused_linear(x, weight, norm_weight=norm_weight, row_rms=row_rms, eps=eps, bias=bias, swiglu=swiglu,
-                            residual=residual, out_dtype=out_dtype, config=config, num_sms=num_sms,
-                            row_ss_out=row_ss_out)
+                            residual=residual, out_dtype=out_dtype, config=config, num_sms=num_sms)
     scale_in_swiglu = strategy == "cublas" and row_rms and swiglu and bias is None and x.shape[0] <= FUSED_MAX_TOKENS
     h = rms_norm(x, norm_weight, eps) if norm_weight is not None or (row_rms and not scale_in_swiglu) else x
     if strategy == "norm_then_fused":
         return fused_linear(h, weight, bias=bias, swiglu=swiglu, residual=residual, out_dtype=out_dtype,
-                            config=config, num_sms=num_sms, row_ss_out=row_ss_out)
+                            config=config, num_sms=num_sms)
     if strategy != "cublas":
         raise ValueError(f"unknown linear strategy {strategy!r}")
     if residual is not None and bias is None and not swiglu:
@@ -49,5 +38,4 @@ def linear(x, weight, *, norm_weight=None, row_rms: bool = False, eps: float = 1
             y = swiglu_kernel(y, rms_of=x if scale_in_swiglu else None, eps=eps)
         if residual is not None:
             y = residual + y
-    y = y if out_dtype is None else y.to(out_dtype)
-    return (y, None) if row_ss_out else y
+    return y if out_dtype is None else y.to(out_dtype)

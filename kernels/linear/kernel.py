@@ -142,12 +142,12 @@ def _reduce_splits(acc, acc_u, ss, p_ws, p_ss, p_count, tile, pid_k, SPLIT_K, NO
 # specialised on divisibility by 16 as usual, which keeps the weight loads vectorised)
 @triton.jit(do_not_specialize=["M", "SPLIT_K"])
 def fused_linear_kernel(
-        p_x, p_w, p_out, p_gamma, p_bias, p_res, p_ws, p_ss, p_count, p_ss_in, p_ss_out,
-        M, N, K, stride_xm, stride_wn, stride_om, stride_rm, eps, SS_PARTS,
+        p_x, p_w, p_out, p_gamma, p_bias, p_res, p_ws, p_ss, p_count,
+        M, N, K, stride_xm, stride_wn, stride_om, stride_rm, eps,
         K_PER_SPLIT, SPLIT_K, NORM: tl.constexpr, GAMMA: tl.constexpr, BIAS: tl.constexpr,
         SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
-        PDL: tl.constexpr, SWAP_AB: tl.constexpr, SS_IN: tl.constexpr, SS_OUT: tl.constexpr):
+        PDL: tl.constexpr, SWAP_AB: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -156,37 +156,21 @@ def fused_linear_kernel(
     m_ok = rm < M
     n_ok = rn < N
     wait_for_producer(PDL)
-    # SS_IN: the rows' sums of squares arrive precomputed (the producer's epilogue wrote them, SS_OUT), so the
-    # K loop accumulates no Gram tile
-    GRAM: tl.constexpr = NORM and not SS_IN
     acc, acc_u, ss = _partial_tile(p_x, p_w, p_gamma, rm, rn, m_ok, n_ok, pid_k * K_PER_SPLIT, K, N,
-                                   stride_xm, stride_wn, K_PER_SPLIT, GRAM, GAMMA, SWIGLU, EVEN_K,
+                                   stride_xm, stride_wn, K_PER_SPLIT, NORM, GAMMA, SWIGLU, EVEN_K,
                                    BLOCK_M, BLOCK_N, BLOCK_K, DOT_PREC, SWAP_AB)
     last = SPLIT_K == 1                         # with split-K, only the split that arrives last finishes
     if SPLIT_K > 1:
         last, acc, acc_u, ss = _reduce_splits(acc, acc_u, ss, p_ws, p_ss, p_count, pid_m * tl.num_programs(0) + pid_n,
-                                              pid_k, SPLIT_K, GRAM, SWIGLU, BLOCK_M, BLOCK_N)
+                                              pid_k, SPLIT_K, NORM, SWIGLU, BLOCK_M, BLOCK_N)
     if last:
-        if SS_IN:
-            ss = _sum_row_parts(p_ss_in, rm, m_ok, M, SS_PARTS, BLOCK_M)
         _epilogue(acc, acc_u, ss, rm, rn, m_ok, n_ok, p_out, p_bias, p_res, K, stride_om, stride_rm, eps,
-                  NORM, BIAS, SWIGLU, RESIDUAL, SS_OUT, p_ss_out + pid_n * M)
-
-
-@triton.jit
-def _sum_row_parts(p_parts, rm, m_ok, M, n_parts, BLOCK_M: tl.constexpr):
-    """Each row's sum of squares from the producer's per-column-tile parts ([n_parts, M] fp32), added in tile
-    order (deterministic)."""
-    ss = tl.zeros([BLOCK_M], tl.float32)
-    for t in range(n_parts):
-        ss += tl.load(p_parts + t * M + rm, mask=m_ok, other=0.0)
-    return ss
+                  NORM, BIAS, SWIGLU, RESIDUAL)
 
 
 @triton.jit
 def _epilogue(acc, acc_u, ss, rm, rn, m_ok, n_ok, p_out, p_bias, p_res, K, stride_om, stride_rm, eps,
-              NORM: tl.constexpr, BIAS: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
-              SS_OUT: tl.constexpr, p_ss_out):
+              NORM: tl.constexpr, BIAS: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr):
     if NORM:
         rstd = tl.rsqrt(ss / K + eps)
         acc = acc * rstd[:, None]
@@ -198,13 +182,7 @@ def _epilogue(acc, acc_u, ss, rm, rn, m_ok, n_ok, p_out, p_bias, p_res, K, strid
     mask = m_ok[:, None] & n_ok[None, :]
     if RESIDUAL:
         acc += tl.load(p_res + rm[:, None].to(tl.int64) * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-    y = acc.to(p_out.dtype.element_ty)
-    tl.store(p_out + rm[:, None].to(tl.int64) * stride_om + rn[None, :], y, mask=mask)
-    if SS_OUT:
-        # this column tile's share of each output row's sum of squares (of the stored, rounded values): the next
-        # projection's RMSNorm sums the tiles' shares instead of recomputing them (SS_IN)
-        y = tl.where(mask, y.to(tl.float32), 0.0)
-        tl.store(p_ss_out + rm, tl.sum(y * y, axis=1), mask=m_ok)
+    tl.store(p_out + rm[:, None].to(tl.int64) * stride_om + rn[None, :], acc.to(p_out.dtype.element_ty), mask=mask)
 
 
 def _counters(device) -> torch.Tensor:
@@ -247,13 +225,9 @@ def split_workspace(tiles: int, split_k: int, cfg: LinearConfig, paired: bool, d
 
 def fused_linear(x, weight, *, norm_weight=None, row_rms: bool = False, eps: float = 1e-6, bias=None,
                  swiglu: bool = False, residual=None, out_dtype=None, config: LinearConfig | None = None,
-                 num_sms: int = 132, row_ss=None, row_ss_out: bool = False):
+                 num_sms: int = 132):
     """Fused ``[residual +] act(rmsnorm(x) @ weight.T + bias)``; see ``reference.fused_linear_ref``.
     ``row_rms``: normalise the rows of x without a gain (the gain is folded into ``weight``).
-    ``row_ss`` (with ``row_rms``): the rows' sums of squares as parts, fp32 ``[parts, M]`` summed over the first
-    axis - what a ``row_ss_out`` call that produced x returned - instead of accumulating them in the K loop.
-    ``row_ss_out``: return ``(out, parts)``, ``parts`` [column tiles, M] fp32 the tiles' shares of each output
-    row's sum of squares (of the stored values).
 
     x [M, K] (unit last stride); weight [N, K] contiguous rows (``[2F, K]`` gate then up under ``swiglu``)."""
     M, K = x.shape
@@ -261,21 +235,14 @@ def fused_linear(x, weight, *, norm_weight=None, row_rms: bool = False, eps: flo
     assert x.stride(-1) == 1 and weight.stride(-1) == 1 and weight.shape[1] == K, (x.shape, weight.shape)
     assert not swiglu or weight.shape[0] % 2 == 0
     assert not (row_rms and norm_weight is not None), "row_rms means the gain is folded into the weight"
-    if row_ss is not None:
-        if not row_rms:
-            raise ValueError("fused_linear: row_ss gives the row norm's sums of squares - pass row_rms=True with it")
-        if row_ss.dtype != torch.float32 or row_ss.dim() != 2 or row_ss.shape[1] != M or not row_ss.is_contiguous():
-            raise ValueError(f"fused_linear: row_ss must be contiguous fp32 [parts, M={M}] (a row_ss_out call's "
-                             f"parts), got {row_ss.dtype} {tuple(row_ss.shape)}")
     out = torch.empty(M, N, dtype=out_dtype or x.dtype, device=x.device)
     if M == 0:
-        return (out, torch.zeros(0, 0, dtype=torch.float32, device=x.device)) if row_ss_out else out
+        return out
     cfg = config or pick_config(M, N, K, swiglu, num_sms, device_name(x.device))
-    if cfg.swap_ab and (norm_weight is not None or (row_rms and row_ss is None)):
+    if cfg.swap_ab and (norm_weight is not None or row_rms):
         raise ValueError(f"{cfg}: swap_ab with the row norm in the prologue - on an H100 (Triton 3.6) the rows' "
                          "sums of squares came out wrong when the Gram tile and the swapped dot read the same x "
-                         "tile (device run 88); normalise first (strategy norm_then_fused), pass the sums of "
-                         "squares as row_ss, or leave swap_ab off")
+                         "tile (device run 88); normalise first (strategy norm_then_fused) or leave swap_ab off")
     m_tiles, n_tiles = triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n)
     k_per_split, split_k, even_k = k_split(K, cfg)
     pdl = pdl_mode(x.device)
@@ -284,17 +251,14 @@ def fused_linear(x, weight, *, norm_weight=None, row_rms: bool = False, eps: flo
     ws, ss = split_workspace(m_tiles * n_tiles, split_k, cfg, swiglu, x.device)
     if residual is not None:
         assert residual.shape == (M, N) and residual.stride(-1) == 1, (residual.shape, (M, N))
-    ss_out = torch.empty(n_tiles, M, dtype=torch.float32, device=x.device) if row_ss_out else ss
     fused_linear_kernel[(n_tiles, split_k, m_tiles)](
         x, weight, out, norm_weight if norm_weight is not None else dummy, bias if bias is not None else dummy,
-        residual if residual is not None else dummy, ws, ss, count, row_ss if row_ss is not None else ss, ss_out,
+        residual if residual is not None else dummy, ws, ss, count,
         M, N, K, x.stride(0), weight.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0,
-        eps, row_ss.shape[0] if row_ss is not None else 0,
-        K_PER_SPLIT=k_per_split, SPLIT_K=split_k, NORM=norm_weight is not None or row_rms,
+        eps, K_PER_SPLIT=k_per_split, SPLIT_K=split_k, NORM=norm_weight is not None or row_rms,
         GAMMA=norm_weight is not None,
         BIAS=bias is not None, SWIGLU=swiglu, RESIDUAL=residual is not None, EVEN_K=even_k,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl, SWAP_AB=cfg.swap_ab,
-        SS_IN=row_ss is not None, SS_OUT=row_ss_out,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl > 0)
-    return (out, ss_out) if row_ss_out else out
+    return out

@@ -89,55 +89,6 @@ def test_swapped_operands_with_the_row_norm_are_refused(fusion):
         fused_linear(x, w, config=LinearConfig(16, 64, 64, swap_ab=True), **kw)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M, split_k, swap", [(1, 1, False), (8, 3, True), (40, 2, False), (32, 1, True)])
-def test_row_sums_of_squares_handed_to_the_next_norm(dtype, M, split_k, swap):
-    # the O projection (residual epilogue) returns its rows' sums of squares per column tile; gate/up (row
-    # norm, gain folded, SwiGLU) takes them instead of the Gram tile - also with swapped operands, which the
-    # Gram tile refuses; 80 columns: a ragged last column tile; K 320 over uneven splits
-    a = torch.randn(M, 320, device=DEVICE).to(dtype)
-    wo = (torch.randn(80, 320, device=DEVICE) / 320 ** 0.5).to(dtype)
-    res = torch.randn(M, 80, device=DEVICE).to(dtype)
-    cfg = LinearConfig(block_m=16 if M <= 16 else 32, block_n=64 if swap else 32, block_k=64, split_k=split_k,
-                       swap_ab=swap)
-    h, parts = fused_linear(a, wo, residual=res, config=cfg, row_ss_out=True)
-    assert torch.equal(h, fused_linear(a, wo, residual=res, config=cfg))
-    assert parts.shape == (-(-80 // cfg.block_n), M) and parts.dtype == torch.float32
-    torch.testing.assert_close(parts.sum(0), (h.float() ** 2).sum(1), rtol=1e-5, atol=1e-5)
-    wg = (torch.randn(2 * 48, 80, device=DEVICE) / 80 ** 0.5).to(dtype)
-    got = fused_linear(h, wg, row_rms=True, row_ss=parts, swiglu=True,
-                       config=LinearConfig(cfg.block_m, 64 if swap else 32, 32, split_k, swap_ab=swap))
-    ref32 = fused_linear_ref(h.float(), wg.float(), row_rms=True, swiglu=True)
-    lowp = None if dtype == torch.float32 else fused_linear_ref(h, wg, row_rms=True, swiglu=True)
-    assert_close_tiered(got, ref32, lowp, "fused_linear[row_ss]", fp32_tol=1e-4)
-
-
-def test_handed_sums_of_squares_are_checked():
-    x, w, _ = _inputs(torch.float32, 8, 80, 320, "rms_swiglu")
-    good = torch.ones(3, 8, device=DEVICE)
-    with pytest.raises(ValueError, match="row_rms=True"):
-        fused_linear(x, w, swiglu=True, row_ss=good)
-    for bad in (torch.ones(3, 7, device=DEVICE), torch.ones(3, 8, device=DEVICE, dtype=torch.float16),
-                torch.ones(8, 3, device=DEVICE).t()):
-        with pytest.raises(ValueError, match="row_ss must be contiguous fp32"):
-            fused_linear(x, w, swiglu=True, row_rms=True, row_ss=bad)
-
-
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_every_strategy_takes_or_ignores_the_handed_sums_of_squares(strategy):
-    # fused and norm_then_fused run the fused kernel on the handed sums (no Gram tile, no norm kernel);
-    # cublas ignores them (and a row_ss_out call answers None for the parts)
-    a, wo = torch.randn(8, 320, device=DEVICE), torch.randn(80, 320, device=DEVICE) / 320 ** 0.5
-    res = torch.randn(8, 80, device=DEVICE)
-    h, parts = linear(a, wo, residual=res, strategy=strategy, row_ss_out=True)
-    assert (parts is None) == (strategy == "cublas")
-    torch.testing.assert_close(h, fused_linear_ref(a, wo, residual=res), rtol=1e-4, atol=1e-4)
-    parts = fused_linear(a, wo, residual=res, row_ss_out=True)[1]
-    wg = torch.randn(96, 80, device=DEVICE) / 80 ** 0.5
-    got = linear(h, wg, row_rms=True, swiglu=True, strategy=strategy, row_ss=parts)
-    torch.testing.assert_close(got, fused_linear_ref(h, wg, row_rms=True, swiglu=True), rtol=1e-4, atol=1e-4)
-
-
 def test_fused_linear_split_k_is_deterministic():
     x = torch.randn(8, 512, device=DEVICE)
     w = torch.randn(64, 512, device=DEVICE)
