@@ -15,8 +15,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import (ATTENTION_HEADS, DEVICE, copy_bandwidth_gbs, cuda_time, decode_attention_inputs, record,
-                    rotating_graph_ms, with_pdl)
+from common import (ATTENTION_HEADS, DEVICE, copies_beyond_l2, copy_bandwidth_gbs, cuda_time,
+                    decode_attention_inputs, record, rotating_graph_ms, with_pdl)
 
 from fastdllm_kernels.attention.kernel import decode_attention
 from fastdllm_kernels.attention.reference import decode_attention_ref
@@ -40,7 +40,6 @@ def main():
             flex = torch.compile(flex_attention)
         except Exception as e:  # noqa: BLE001
             print(f"flex attention unavailable: {e}")
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size if DEVICE == "cuda" else 0
     table = []
     for model, (hq, hkv) in ATTENTION_HEADS.items():
         for L in [int(x) for x in args.prefixes.split(",")]:
@@ -49,7 +48,7 @@ def main():
                 kv_bytes = 2 * hkv * (L + 32) * D * 2
                 # each call reads its own copy of the inputs, the copies together > 3 x L2: the KV comes from
                 # HBM as in a step, where the layer's weights have streamed through the L2 since it was written
-                copies = max(1, min(40, -(-3 * l2 // kv_bytes))) if args.rotate else 1
+                copies = copies_beyond_l2(kv_bytes, at_most=40) if args.rotate else 1
                 sets = [decode_attention_inputs(hq, hkv, L, n, D, dt) for _ in range(copies)]
                 q, pk, pv, bk, bv, meta = sets[0]
                 ref = decode_attention_ref(q.float(), pk.float(), pv.float(), bk.float(), bv.float(), *meta, n, scale)

@@ -100,6 +100,14 @@ def graph_time(fn, reps: int = 20, iters: int = 20) -> dict:
     return {k: v / reps for k, v in t.items()}
 
 
+def copies_beyond_l2(nbytes: int, at_least: int = 1, at_most: int | None = None) -> int:
+    """How many copies of an input of ``nbytes`` together exceed this GPU's L2 three times over, so that timing
+    calls that rotate through them reads every input from HBM (``at_least`` off the GPU, where there is no L2)."""
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size if DEVICE == "cuda" else 0
+    n = max(at_least, -(-3 * l2 // nbytes))
+    return n if at_most is None else min(at_most, n)
+
+
 def rotating_graph_ms(body, copies: int, reps: int = 3, iters: int = 20, capture_body=None) -> float:
     """Median GPU time (ms) of one ``body(i)`` call: ``reps`` passes over ``i = 0 .. copies - 1`` captured in one
     CUDA graph, so a call's inputs were last touched ``copies - 1`` calls earlier - pick ``copies`` so that the

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from common import ATTENTION_HEADS, DEVICE, SHAPES, decode_attention_inputs, record, rotating_graph_ms
+from common import (ATTENTION_HEADS, DEVICE, SHAPES, copies_beyond_l2, decode_attention_inputs, record,
+                    rotating_graph_ms)
 
 from fastdllm_kernels.attention.kernel import decode_attention
 from fastdllm_kernels.linear.dispatch import linear
@@ -57,7 +58,6 @@ def main():
     ap.add_argument("--prefix", type=int, default=2048)
     args = ap.parse_args()
     command = "python bench/l2_warm.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items())
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
     dt, D = torch.bfloat16, 128
     sink = torch.zeros(1, device=DEVICE)
     table = []
@@ -66,7 +66,7 @@ def main():
         hidden = SHAPES[model]["hidden_size"]
         w_bytes = hidden * hq * D * 2
         kv_bytes = 2 * hkv * (args.prefix + 64) * D * 2
-        copies = max(2, min(20, -(-3 * l2 // (w_bytes + kv_bytes))))
+        copies = copies_beyond_l2(w_bytes + kv_bytes, at_least=2, at_most=20)
         ws = [torch.randn(hidden, hq * D, device=DEVICE, dtype=dt) * 0.02 for _ in range(copies)]
         for n in (32, 8):
             inputs = [decode_attention_inputs(hq, hkv, args.prefix, n, D, dt) for _ in range(copies)]

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from common import DEVICE, SHAPES, copy_bandwidth_gbs, graph_time, record
+from common import DEVICE, SHAPES, copies_beyond_l2, copy_bandwidth_gbs, graph_time, record
 
 from fastdllm_kernels.launch import pdl_enabled
 from fastdllm_kernels.linear import configs
@@ -152,8 +152,8 @@ def sweep_qkv_rope(shape: str, f: dict, M: int, rot, num_sms: int, g) -> tuple[d
 class Rotating:
     """Calls ``fn(weight)`` on the next of several weight copies (together > 3x the L2 cache, at most 20)."""
 
-    def __init__(self, w, l2_bytes):
-        n = max(1, min(20, -(-3 * l2_bytes // (w.numel() * w.element_size()))))
+    def __init__(self, w):
+        n = copies_beyond_l2(w.numel() * w.element_size(), at_most=20)
         self.ws = [w] + [w.clone() for _ in range(n - 1)]
         self.i = 0
 
@@ -180,7 +180,6 @@ def main():
     gpu = torch.cuda.get_device_name()
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     bw = copy_bandwidth_gbs()
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
     table = configs.tuned_table()
     tuned = dict(table.get(gpu, {}))
     rows = []
@@ -200,7 +199,7 @@ def main():
             if p.get("row_rms"):
                 kw.update(row_rms=True, eps=1e-6)
             floor_ms = w.numel() * 2 / (bw * 1e9) * 1e3
-            rot = Rotating(w, l2)
+            rot = Rotating(w)
             if name == "qkv_rope":
                 for M in (int(t) for t in args.tokens.split(",")):
                     entry, m = sweep_qkv_rope(shape, f, M, rot, num_sms, g)

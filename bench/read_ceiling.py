@@ -18,10 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from common import DEVICE, SHAPES, copy_bandwidth_gbs, record, rotating_graph_ms
-
-L2_BYTES = 50 << 20
-
+from common import DEVICE, SHAPES, copies_beyond_l2, copy_bandwidth_gbs, record, rotating_graph_ms
 
 @triton.jit
 def read_sum_kernel(p, n, p_sink, BLOCK: tl.constexpr, STAGES: tl.constexpr):
@@ -67,7 +64,7 @@ def main():
     for shape in args.shapes.split(","):
         kv_prefixes = [int(n) for n in args.kv_prefixes.split(",") if n]
         for name, nbytes in stream_bytes(SHAPES[shape], kv_prefixes).items():
-            copies = max(1, -(-3 * L2_BYTES // nbytes))
+            copies = copies_beyond_l2(nbytes)
             bufs = [torch.empty(nbytes // 2, dtype=torch.bfloat16, device=DEVICE).normal_() for _ in range(copies)]
             best, by_per_sm = None, {}
             for per_sm, block, stages, warps in itertools.product(

@@ -27,10 +27,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from common import DEVICE, SHAPES, copy_bandwidth_gbs, record, rotating_graph_ms
-
-L2_BYTES = 50 << 20
-
+from common import DEVICE, SHAPES, copies_beyond_l2, copy_bandwidth_gbs, record, rotating_graph_ms
 
 @triton.jit
 def pointer_kernel(p_x, p_w, p_y, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -95,7 +92,7 @@ def main():
         f = SHAPES[shape]
         N, K = 2 * f["intermediate_size"], f["hidden_size"]          # gate and up rows: one weight stream
         w = torch.randn(N, K, device=DEVICE, dtype=torch.bfloat16) * 0.02
-        ws = [w] + [w.clone() for _ in range(max(0, -(-3 * L2_BYTES // (w.numel() * 2)) - 1))]
+        ws = [w] + [w.clone() for _ in range(copies_beyond_l2(w.numel() * 2) - 1)]
         floor_us = w.numel() * 2 / (bw * 1e9) * 1e6
         for M in map(int, args.tokens.split(",")):
             bm = 16 if M <= 16 else 32
