@@ -147,8 +147,6 @@ def main():
                 except Exception as e:  # noqa: BLE001 - a variant this GPU cannot build: report, go on
                     print(f"  {op} {layout} {bn}x{bk} s{stages}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
                     continue
-                finally:
-                    del ws
                 timed[f"{bn}x{bk},split{split},stages{stages}"] = t
                 if best is None or t < best[0]:
                     best = (t, bn, bk, split, stages)
