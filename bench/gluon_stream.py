@@ -20,7 +20,6 @@ the copy floor; ``python bench/layer_stream.py`` in the same call gives the Trit
     python bench/gluon_stream.py [--shapes 7B,1.5B] [--stages 4,8,12]
 """
 import argparse
-import inspect
 import itertools
 
 import torch
@@ -34,9 +33,6 @@ from read_ceiling import stream_bytes
 
 WEIGHTS = ("qkv", "o", "gate_up", "down")
 COLS = 128                                   # a weight is read as [n / COLS, COLS] rows; a tile is TILE_R rows
-# Triton 3.5 took (default_args, default_fn, worker_args, worker_fns, warps, regs); later versions take
-# ([(fn, args), ...], warps, regs)
-NEW_WS_API = "functions_and_args" in inspect.signature(gl.warp_specialize).parameters
 # the TMA load was renamed (same arguments: descriptor, coordinates, barrier, destination)
 TMA_LOAD = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
 
@@ -115,8 +111,7 @@ def _consumer(r0, r1, r2, r3, bufs, ready, empty, p_count, p_sink, BARRIERS: gl.
 
 @gluon.jit
 def ws_layer_read_kernel(d0, d1, d2, d3, r0, r1, r2, r3, p_count, p_sink, STAGES: gl.constexpr,
-                         TILE_R: gl.constexpr, BARRIERS: gl.constexpr, CHECK: gl.constexpr, NEW_WS: gl.constexpr,
-                         num_warps: gl.constexpr):
+                         TILE_R: gl.constexpr, BARRIERS: gl.constexpr, CHECK: gl.constexpr, num_warps: gl.constexpr):
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     bufs = gl.allocate_shared_memory(d0.dtype, [STAGES, TILE_R, 128], d0.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -125,16 +120,10 @@ def ws_layer_read_kernel(d0, d1, d2, d3, r0, r1, r2, r3, p_count, p_sink, STAGES
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
     TILE_BYTES: gl.constexpr = TILE_R * 128 * 2
-    if NEW_WS:
-        gl.warp_specialize([
-            (_consumer, (r0, r1, r2, r3, bufs, ready, empty, p_count, p_sink, BARRIERS, TILE_R, CHECK, layout)),
-            (_producer, (d0, d1, d2, d3, r0, r1, r2, r3, bufs, ready, empty, TILE_R, TILE_BYTES)),
-        ], [1], [40])
-    else:
-        gl.warp_specialize((r0, r1, r2, r3, bufs, ready, empty, p_count, p_sink, BARRIERS, TILE_R, CHECK, layout),
-                           _consumer,
-                           (d0, d1, d2, d3, r0, r1, r2, r3, bufs, ready, empty, TILE_R, TILE_BYTES), [_producer],
-                           [1], [40])
+    gl.warp_specialize([
+        (_consumer, (r0, r1, r2, r3, bufs, ready, empty, p_count, p_sink, BARRIERS, TILE_R, CHECK, layout)),
+        (_producer, (d0, d1, d2, d3, r0, r1, r2, r3, bufs, ready, empty, TILE_R, TILE_BYTES)),
+    ], [1], [40])
 
 
 def descriptors(bufs, tile_r: int):
@@ -146,7 +135,7 @@ def descriptors(bufs, tile_r: int):
 def ws_layer_read(descs, rows, count, sink, grid: int, stages: int, tile_r: int, barriers: bool, check: bool = False,
                   warps: int = 4):
     ws_layer_read_kernel[(grid,)](*descs, *rows, count, sink, STAGES=stages, TILE_R=tile_r, BARRIERS=barriers,
-                                  CHECK=check, NEW_WS=NEW_WS_API, num_warps=warps, maxnreg=168)
+                                  CHECK=check, num_warps=warps, maxnreg=168)
 
 
 def main():
@@ -162,7 +151,7 @@ def main():
     sink = torch.zeros(1, device=DEVICE)
     count = torch.zeros(2, dtype=torch.int32, device=DEVICE)
     print(f"{'shape':5} {'MB':>6} {'floor us':>8} {'barriers':>8} {'stream':>8}   (stages, tile rows) of the best; "
-          f"warp_specialize API: {'new' if NEW_WS_API else '3.5'}")
+          "per layer")
     for shape in args.shapes.split(","):
         sizes = stream_bytes(SHAPES[shape])
         layer_bytes = sum(sizes[w] for w in WEIGHTS)

@@ -3,8 +3,9 @@
 A plain pipelined read of the 7B gate/up weight takes 89-90 us on the H100 (bench/read_ceiling.py, runs
 92-93), about the copy-bandwidth floor; the shipped fused linear takes 96 us at 8 tokens and 102 at 32, and
 no pipeline depth, warp count or programs-per-SM choice moves it (``linear_sweep.py --around-table``, run 93).
-What differs from the plain read is how the loop consumes its tiles: cp.async into shared memory, a wait, then
-the MMA, all in the same warps. This script times the bare product ``y = x @ W.T`` (bf16, fp32 accumulation, no
+One difference from the plain read is how the loop consumes its tiles: cp.async into shared memory, a wait, then
+the MMA, all in the same warps (the other, the order the weight is read in, turned out to be most of the gap:
+bench/weight_layout.py, session 13). This script times the bare product ``y = x @ W.T`` (bf16, fp32 accumulation, no
 epilogue; weight tile on the MMA's left, as the shipped swapped tiling) three ways, as CUDA graphs over rotating
 weight copies, at the 7B and 1.5B gate/up shapes:
 
