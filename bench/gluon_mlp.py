@@ -29,7 +29,8 @@ import itertools
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma)
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                 warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from common import DEVICE, SHAPES, copies_beyond_l2, copy_bandwidth_gbs, record, rotating_graph_ms
@@ -42,6 +43,16 @@ MAX_SEGS = gl.constexpr(8)    # tiles one program's unit range may touch (checke
 
 
 @gluon.jit
+def _stamp(trace_ptr, j: gl.constexpr, TRACE: gl.constexpr):
+    """With TRACE, the GPU's global timer (ns) into trace[program, j]: where a program's time goes."""
+    if TRACE:
+        pid = gl.program_id(0)
+        now = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [pid], dtype=gl.int64, is_pure=False,
+                                        pack=1)
+        gl.store(trace_ptr + pid * 16 + j, now)
+
+
+@gluon.jit
 def _units(n_units, pid, G):
     per = gl.cdiv(n_units, G)
     lo = pid * per
@@ -49,14 +60,16 @@ def _units(n_units, pid, G):
 
 
 @gluon.jit
-def _producer(wgu_desc, wd_desc, bufs, ready, empty, H: gl.constexpr, I: gl.constexpr, BK: gl.constexpr):
+def _producer(wgu_desc, wd_desc, bufs, ready, empty, trace_ptr, rot, H: gl.constexpr, I: gl.constexpr,
+              BK: gl.constexpr, TRACE: gl.constexpr, PACKED: gl.constexpr):
     STAGES: gl.constexpr = bufs.type.shape[0] // 2
     STAGE_BYTES: gl.constexpr = 2 * BOX * BK * 2
     KS1: gl.constexpr = H // BK
     KS2: gl.constexpr = I // BK
-    pid = gl.program_id(0)
     G = gl.num_programs(0)
+    pid = (gl.program_id(0) + rot) % G          # the share this program streams (rot: a diagnostic shift)
     it = 0
+    _stamp(trace_ptr, 8, TRACE)
     _, lo, hi = _units((I // BOX) * KS1, pid, G)
     for u in range(lo, hi):                      # gate/up: 64 gate rows and their 64 up rows
         t = u // KS1
@@ -64,9 +77,14 @@ def _producer(wgu_desc, wd_desc, bufs, ready, empty, H: gl.constexpr, I: gl.cons
         s = it % STAGES
         mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
         mbarrier.expect(ready.index(s), STAGE_BYTES)
-        TMA_LOAD(wgu_desc, [t * BOX, k * BK], ready.index(s), bufs.index(2 * s))
-        TMA_LOAD(wgu_desc, [I + t * BOX, k * BK], ready.index(s), bufs.index(2 * s + 1))
+        if PACKED:                               # the unit's two boxes lie one after the other
+            TMA_LOAD(wgu_desc, [u * 2 * BOX, 0], ready.index(s), bufs.index(2 * s))
+            TMA_LOAD(wgu_desc, [u * 2 * BOX + BOX, 0], ready.index(s), bufs.index(2 * s + 1))
+        else:
+            TMA_LOAD(wgu_desc, [t * BOX, k * BK], ready.index(s), bufs.index(2 * s))
+            TMA_LOAD(wgu_desc, [I + t * BOX, k * BK], ready.index(s), bufs.index(2 * s + 1))
         it += 1
+    _stamp(trace_ptr, 9, TRACE)
     _, lo, hi = _units((H // (2 * BOX)) * KS2, pid, G)
     for u in range(lo, hi):                      # down: 128 output rows
         t = u // KS2
@@ -74,9 +92,14 @@ def _producer(wgu_desc, wd_desc, bufs, ready, empty, H: gl.constexpr, I: gl.cons
         s = it % STAGES
         mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
         mbarrier.expect(ready.index(s), STAGE_BYTES)
-        TMA_LOAD(wd_desc, [t * 2 * BOX, k * BK], ready.index(s), bufs.index(2 * s))
-        TMA_LOAD(wd_desc, [t * 2 * BOX + BOX, k * BK], ready.index(s), bufs.index(2 * s + 1))
+        if PACKED:
+            TMA_LOAD(wd_desc, [u * 2 * BOX, 0], ready.index(s), bufs.index(2 * s))
+            TMA_LOAD(wd_desc, [u * 2 * BOX + BOX, 0], ready.index(s), bufs.index(2 * s + 1))
+        else:
+            TMA_LOAD(wd_desc, [t * 2 * BOX, k * BK], ready.index(s), bufs.index(2 * s))
+            TMA_LOAD(wd_desc, [t * 2 * BOX + BOX, k * BK], ready.index(s), bufs.index(2 * s + 1))
         it += 1
+    _stamp(trace_ptr, 10, TRACE)
 
 
 @gluon.jit
@@ -88,10 +111,11 @@ def _load_x(x_ptr, M, XK: gl.constexpr, BK: gl.constexpr, k, rows, cols, valid):
 @gluon.jit
 def _mma_phase(x_ptr, M, XK: gl.constexpr, ws_ptr, ss_ptr, bufs, ready, empty, xs, it, pid, G,
                WITH_SS: gl.constexpr, MP: gl.constexpr, BK: gl.constexpr, acc_layout: gl.constexpr,
-               x_layout: gl.constexpr, N_TILES: gl.constexpr):
+               x_layout: gl.constexpr, N_TILES: gl.constexpr, X_SAME: gl.constexpr):
     """One matmul's stream-K share: x [M, XK] (bf16, row-major) against the stages the producer fills; each tile's
     two [BOX, MP] partial sums (and, with WITH_SS, the x rows' partial sums of squares) go to workspace slots
-    (program, segment)."""
+    (program, segment). A unit's MMAs run while the next unit's x tile is stored (two x buffers); its stage is
+    freed once they are done; x tiles are loaded two units ahead."""
     STAGES: gl.constexpr = bufs.type.shape[0] // 2
     KS: gl.constexpr = XK // BK
     per, lo, hi = _units(N_TILES * KS, pid, G)
@@ -104,23 +128,33 @@ def _mma_phase(x_ptr, M, XK: gl.constexpr, ws_ptr, ss_ptr, bufs, ready, empty, x
     acc0 = gl.zeros([BOX, MP], gl.float32, acc_layout)
     acc1 = gl.zeros([BOX, MP], gl.float32, acc_layout)
     ss = gl.zeros([MP, BK], gl.float32, x_layout)
-    xv = _load_x(x_ptr, M, XK, BK, lo % KS, rows, cols, lo < hi)
+    KX: gl.constexpr = 1 if X_SAME else KS      # X_SAME (timing only, wrong result): every unit reads chunk 0
+    xv = _load_x(x_ptr, M, XK, BK, lo % KX, rows, cols, lo < hi)
+    xn = _load_x(x_ptr, M, XK, BK, (lo + 1) % KX, rows, cols, lo + 1 < hi)
+    pend = -1
     for u in range(lo, hi):
         t = u // KS
         k = u - t * KS
-        xn = _load_x(x_ptr, M, XK, BK, (u + 1) % KS, rows, cols, u + 1 < hi)     # one unit ahead
-        xs.store(xv)
+        xa = _load_x(x_ptr, M, XK, BK, (u + 2) % KX, rows, cols, u + 2 < hi)    # two units ahead
+        xb = xs.index(u % 2)
+        xb.store(xv)
         fence_async_shared()
         CTA_SYNC()
         s = it % STAGES
         mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-        acc0 = warpgroup_mma(bufs.index(2 * s), xs.permute((1, 0)), acc0)
-        acc1 = warpgroup_mma(bufs.index(2 * s + 1), xs.permute((1, 0)), acc1)
-        mbarrier.arrive(empty.index(s), count=1)
+        acc0 = warpgroup_mma(bufs.index(2 * s), xb.permute((1, 0)), acc0, is_async=True)
+        acc1 = warpgroup_mma(bufs.index(2 * s + 1), xb.permute((1, 0)), acc1, is_async=True)
+        acc0, acc1 = warpgroup_mma_wait(num_outstanding=2, deps=(acc0, acc1))      # the previous unit's
+        if pend >= 0:
+            mbarrier.arrive(empty.index(pend), count=1)
+        pend = s
         if WITH_SS:
             xf = xv.to(gl.float32)
             ss += xf * xf
         if (k == KS - 1) | (u == hi - 1):        # the tile's piece is done: to its slot
+            acc0, acc1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1))
+            mbarrier.arrive(empty.index(s), count=1)
+            pend = -1
             slot = (pid * MAX_SEGS + t - t_first) * 2
             gl.store(ws_ptr + slot * BOX * MP + a_off, acc0)
             gl.store(ws_ptr + (slot + 1) * BOX * MP + a_off, acc1)
@@ -130,6 +164,7 @@ def _mma_phase(x_ptr, M, XK: gl.constexpr, ws_ptr, ss_ptr, bufs, ready, empty, x
                 gl.store(ss_ptr + (pid * MAX_SEGS + t - t_first) * MP + rows, gl.sum(ss, axis=1))
                 ss = gl.zeros([MP, BK], gl.float32, x_layout)
         xv = xn
+        xn = xa
         it += 1
     return it
 
@@ -144,64 +179,93 @@ def _grid_barrier(p_count, target):
 
 
 @gluon.jit
-def _piece_sum(ws_ptr, t, half, KS: gl.constexpr, n_units, G, off, MP: gl.constexpr):
-    """Sum over the programs whose unit range touched tile t, in program order, of their slot for it."""
+def _pieces(t, KS: gl.constexpr, n_units, G, NP: gl.constexpr, l3: gl.constexpr):
+    """The programs whose unit range touched tile t (p0 .. p1, at most NP of them) and the segment each used."""
     per = gl.cdiv(n_units, G)
     p0 = (t * KS) // per
     p1 = ((t + 1) * KS - 1) // per
-    acc = gl.load(ws_ptr + ((p0 * MAX_SEGS + t - (p0 * per) // KS) * 2 + half) * BOX * MP + off)
-    for p in range(p0 + 1, p1 + 1):
-        acc += gl.load(ws_ptr + ((p * MAX_SEGS + t - (p * per) // KS) * 2 + half) * BOX * MP + off)
-    return acc, p0, p1, per
+    p = p0 + gl.arange(0, NP, layout=gl.SliceLayout(1, gl.SliceLayout(2, l3)))
+    return p, p <= p1, t - (p * per) // KS
+
+
+@gluon.jit
+def _piece_sum(ws_ptr, p, valid, seg, half, r0, RB: gl.constexpr, MP: gl.constexpr, l3: gl.constexpr):
+    """Sum of the pieces' [RB, MP] slices (rows r0 .. r0 + RB of the half) - all loads issued at once, summed in
+    registers in piece order."""
+    r = gl.arange(0, RB, layout=gl.SliceLayout(0, gl.SliceLayout(2, l3)))
+    m = gl.arange(0, MP, layout=gl.SliceLayout(0, gl.SliceLayout(1, l3)))
+    base = ((p * MAX_SEGS + seg) * 2 + half) * BOX * MP
+    off = base[:, None, None] + (r0 + r)[None, :, None] * MP + m[None, None, :]
+    return gl.sum(gl.load(ws_ptr + off, mask=valid[:, None, None], other=0.0), axis=0)
 
 
 @gluon.jit
 def _consumer(x_ptr, act_ptr, out_ptr, ws1_ptr, ss1_ptr, ws2_ptr, p_count, bufs, ready, empty, xs, M, eps,
-              H: gl.constexpr, I: gl.constexpr, MP: gl.constexpr, BK: gl.constexpr):
+              trace_ptr, rot, H: gl.constexpr, I: gl.constexpr, MP: gl.constexpr, BK: gl.constexpr, NP1: gl.constexpr,
+              NP2: gl.constexpr, RB2: gl.constexpr, TRACE: gl.constexpr, X_SAME: gl.constexpr):
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, MP, 16])
     TPK: gl.constexpr = BK // 8
     x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPK, TPK], [4, 1], [1, 0])
-    r_layout: gl.constexpr = gl.BlockedLayout([1, 1], [32 // MP, MP], [4, 1], [1, 0])   # [BOX, MP] tiles
-    pid = gl.program_id(0)
+    TPM: gl.constexpr = MP // 4
+    l3a: gl.constexpr = gl.BlockedLayout([NP1, 1, 4], [1, 32 // TPM, TPM], [1, 4, 1], [2, 1, 0])
+    l3b: gl.constexpr = gl.BlockedLayout([NP2, 1, 4], [1, 32 // TPM, TPM], [1, 4, 1], [2, 1, 0])
     G = gl.num_programs(0)
+    pid = (gl.program_id(0) + rot) % G          # the share this program streams (rot: a diagnostic shift)
     KS1: gl.constexpr = H // BK
     KS2: gl.constexpr = I // BK
+    _stamp(trace_ptr, 0, TRACE)
     it = _mma_phase(x_ptr, M, H, ws1_ptr, ss1_ptr, bufs, ready, empty, xs, pid * 0, pid, G, True, MP, BK,
-                    acc_layout, x_layout, I // BOX)
+                    acc_layout, x_layout, I // BOX, X_SAME)
+    _stamp(trace_ptr, 1, TRACE)
     _grid_barrier(p_count, G)
+    _stamp(trace_ptr, 2, TRACE)
 
-    r = gl.arange(0, BOX, layout=gl.SliceLayout(1, r_layout))
-    m = gl.arange(0, MP, layout=gl.SliceLayout(0, r_layout))
-    off = r[:, None] * MP + m[None, :]
+    la: gl.constexpr = gl.SliceLayout(0, l3a)                    # [BOX, MP]
+    r = gl.arange(0, BOX, layout=gl.SliceLayout(1, la))
+    m = gl.arange(0, MP, layout=gl.SliceLayout(0, la))
     mask = (m[None, :] < M) & (r[:, None] < BOX)
+    mp = gl.arange(0, MP, layout=gl.SliceLayout(0, gl.SliceLayout(1, l3a)))
     n1 = (I // BOX) * KS1
     for t in range(pid, I // BOX, G):            # SwiGLU of 64 intermediate columns
-        g, p0, p1, per = _piece_sum(ws1_ptr, t, 0, KS1, n1, G, off, MP)
-        up, _, _, _ = _piece_sum(ws1_ptr, t, 1, KS1, n1, G, off, MP)
-        ss = gl.load(ss1_ptr + (p0 * MAX_SEGS + t - (p0 * per) // KS1) * MP + m)
-        for p in range(p0 + 1, p1 + 1):
-            ss += gl.load(ss1_ptr + (p * MAX_SEGS + t - (p * per) // KS1) * MP + m)
-        rstd = gl.rsqrt(ss / H + eps)
+        p, valid, seg = _pieces(t, KS1, n1, G, NP1, l3a)
+        g = _piece_sum(ws1_ptr, p, valid, seg, 0, 0, BOX, MP, l3a)
+        up = _piece_sum(ws1_ptr, p, valid, seg, 1, 0, BOX, MP, l3a)
+        ls: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(1, l3a))
+        slot = gl.convert_layout(p * MAX_SEGS + seg, ls)
+        ss = gl.sum(gl.load(ss1_ptr + slot[:, None] * MP + mp[None, :], mask=gl.convert_layout(valid, ls)[:, None],
+                            other=0.0), axis=0)
+        rstd = gl.convert_layout(gl.rsqrt(ss / H + eps), gl.SliceLayout(0, la))
         gf = (g * rstd[None, :]).to(gl.bfloat16).to(gl.float32)      # rounded as the shipped kernel rounds
         uf = (up * rstd[None, :]).to(gl.bfloat16).to(gl.float32)
         a = (gf / (1.0 + gl.exp(-gf))).to(gl.bfloat16).to(gl.float32)
         gl.store(act_ptr + m[None, :] * I + (t * BOX + r)[:, None], (a * uf).to(gl.bfloat16), mask=mask)
+    _stamp(trace_ptr, 3, TRACE)
     _grid_barrier(p_count, 2 * G)
+    _stamp(trace_ptr, 4, TRACE)
 
     it = _mma_phase(act_ptr, M, I, ws2_ptr, ss1_ptr, bufs, ready, empty, xs, it, pid, G, False, MP, BK,
-                    acc_layout, x_layout, H // (2 * BOX))
+                    acc_layout, x_layout, H // (2 * BOX), X_SAME)
+    _stamp(trace_ptr, 5, TRACE)
     _grid_barrier(p_count, 3 * G)
+    _stamp(trace_ptr, 6, TRACE)
 
+    lb: gl.constexpr = gl.SliceLayout(0, l3b)                    # [RB2, MP]
+    rb = gl.arange(0, RB2, layout=gl.SliceLayout(1, lb))
+    mb = gl.arange(0, MP, layout=gl.SliceLayout(0, lb))
+    maskb = (mb[None, :] < M) & (rb[:, None] < RB2)
     n2 = (H // (2 * BOX)) * KS2
-    for item in range(pid, H // BOX, G):         # 64 output columns: pieces + residual
-        t = item // 2
-        half = item - 2 * t
-        y, _, _, _ = _piece_sum(ws2_ptr, t, half, KS2, n2, G, off, MP)
-        col = (item * BOX + r)[:, None]
-        res = gl.load(x_ptr + m[None, :] * H + col, mask=mask, other=0.0)
-        gl.store(out_ptr + m[None, :] * H + col, (y + res.to(gl.float32)).to(gl.bfloat16), mask=mask)
+    for item in range(pid, H // RB2, G):         # RB2 output columns: pieces + residual
+        row0 = item * RB2
+        t = row0 // (2 * BOX)
+        half = (row0 // BOX) % 2
+        p, valid, seg = _pieces(t, KS2, n2, G, NP2, l3b)
+        y = _piece_sum(ws2_ptr, p, valid, seg, half, row0 % BOX, RB2, MP, l3b)
+        col = (row0 + rb)[:, None]
+        res = gl.load(x_ptr + mb[None, :] * H + col, mask=maskb, other=0.0)
+        gl.store(out_ptr + mb[None, :] * H + col, (y + res.to(gl.float32)).to(gl.bfloat16), mask=maskb)
 
+    _stamp(trace_ptr, 7, TRACE)
     left = gl.atomic_add(p_count + 1, 1, sem="acq_rel", scope="gpu") + 1
     if left == G:                                # the last to leave resets the counts for the next launch
         gl.atomic_xchg(p_count, 0, sem="relaxed", scope="gpu")
@@ -209,12 +273,14 @@ def _consumer(x_ptr, act_ptr, out_ptr, ws1_ptr, ss1_ptr, ws2_ptr, p_count, bufs,
 
 
 @gluon.jit
-def gluon_mlp_kernel(x_ptr, act_ptr, out_ptr, ws1_ptr, ss1_ptr, ws2_ptr, p_count, wgu_desc, wd_desc, M, eps,
+def gluon_mlp_kernel(x_ptr, act_ptr, out_ptr, ws1_ptr, ss1_ptr, ws2_ptr, p_count, wgu_desc, wd_desc, M, eps, trace_ptr,
+                     rot,
                      H: gl.constexpr, I: gl.constexpr, MP: gl.constexpr, BK: gl.constexpr,
-                     STAGES: gl.constexpr, num_warps: gl.constexpr):
+                     STAGES: gl.constexpr, NP1: gl.constexpr, NP2: gl.constexpr, RB2: gl.constexpr,
+                     TRACE: gl.constexpr, X_SAME: gl.constexpr, PACKED: gl.constexpr, num_warps: gl.constexpr):
     bufs = gl.allocate_shared_memory(gl.bfloat16, [2 * STAGES, BOX, BK], wgu_desc.layout)
-    xs = gl.allocate_shared_memory(gl.bfloat16, [MP, BK], gl.NVMMASharedLayout.get_default_for([MP, BK],
-                                                                                                gl.bfloat16))
+    xs = gl.allocate_shared_memory(gl.bfloat16, [2, MP, BK], gl.NVMMASharedLayout.get_default_for([MP, BK],
+                                                                                                   gl.bfloat16))
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
@@ -222,8 +288,8 @@ def gluon_mlp_kernel(x_ptr, act_ptr, out_ptr, ws1_ptr, ss1_ptr, ws2_ptr, p_count
         mbarrier.init(empty.index(i), count=1)
     gl.warp_specialize([
         (_consumer, (x_ptr, act_ptr, out_ptr, ws1_ptr, ss1_ptr, ws2_ptr, p_count, bufs, ready, empty, xs, M, eps,
-                     H, I, MP, BK)),
-        (_producer, (wgu_desc, wd_desc, bufs, ready, empty, H, I, BK)),
+                     trace_ptr, rot, H, I, MP, BK, NP1, NP2, RB2, TRACE, X_SAME)),
+        (_producer, (wgu_desc, wd_desc, bufs, ready, empty, trace_ptr, rot, H, I, BK, TRACE, PACKED)),
     ], [1], [40])
 
 
@@ -234,12 +300,31 @@ def max_segments(n_tiles: int, ks: int, grid: int) -> int:
     return max((min(lo + per, n) - 1) // ks - lo // ks + 1 for lo in range(0, n, per))
 
 
+def max_pieces(n_tiles: int, ks: int, grid: int) -> int:
+    """The most programs whose unit ranges touch one tile, rounded up to a power of two (a tensor dimension)."""
+    per = -(-n_tiles * ks // grid)
+    most = max(((t + 1) * ks - 1) // per - (t * ks) // per + 1 for t in range(n_tiles))
+    return 1 << (most - 1).bit_length()
+
+
+def pack_units(gate_up_w, down_w, bk: int):
+    """The weights as [units * 128, bk]: unit (tile, k) of gate/up is its 64 gate rows then its 64 up rows of K
+    columns k * bk .. + bk; unit (tile, k) of down its 128 rows; units in the order the kernel numbers them."""
+    I2, H = gate_up_w.shape
+    I = I2 // 2
+    gu = gate_up_w.view(2, I // ROWS, ROWS, H // bk, bk).permute(1, 3, 0, 2, 4)
+    d = down_w.view(H // (2 * ROWS), 2, ROWS, I // bk, bk).permute(0, 3, 1, 2, 4)
+    return gu.reshape(-1, bk).contiguous(), d.reshape(-1, bk).contiguous()
+
+
 class GluonMLP:
     """The one-launch MLP for fixed weights, token count and grid: descriptors and workspaces made once, so the
     call can be captured in a CUDA graph."""
 
     def __init__(self, gate_up_w, down_w, max_tokens: int, grid: int, bk: int = 128, stages: int = 6,
-                 eps: float = 1e-6):
+                 eps: float = 1e-6, packed: bool = False):
+        """``packed``: stream copies of the weights laid out box by box in the order the units read them, so each
+        program's share is one contiguous range of memory (``pack_units``)."""
         I2, H = gate_up_w.shape
         self.H, self.I = H, I2 // 2
         assert down_w.shape == (H, self.I)
@@ -249,6 +334,14 @@ class GluonMLP:
         assert max_segments(self.I // ROWS, H // bk, grid) <= MAX_SEGS
         assert max_segments(H // (2 * ROWS), self.I // bk, grid) <= MAX_SEGS
         self.bk, self.stages, self.grid, self.eps = bk, stages, grid, eps
+        self.np1 = max_pieces(self.I // ROWS, H // bk, grid)
+        self.np2 = max_pieces(H // (2 * ROWS), self.I // bk, grid)
+        self.rb2 = min(ROWS, 8192 // (self.np2 * self.mp))      # final sum: <= 64 fp32 registers a thread
+        assert self.np1 * ROWS * self.mp <= 8192 and self.rb2 >= 8
+        self.packed = packed
+        if packed:
+            gate_up_w, down_w = pack_units(gate_up_w, down_w, bk)
+            self.keep = (gate_up_w, down_w)
         layout = gl.NVMMASharedLayout.get_default_for([ROWS, bk], gl.bfloat16)
         self.wgu_desc = TensorDescriptor.from_tensor(gate_up_w, [ROWS, bk], layout)
         self.wd_desc = TensorDescriptor.from_tensor(down_w, [ROWS, bk], layout)
@@ -259,13 +352,46 @@ class GluonMLP:
         self.act = torch.empty(max_tokens, self.I, dtype=torch.bfloat16, device=dev)
         self.count = torch.zeros(2, dtype=torch.int32, device=dev)
 
-    def __call__(self, x, out=None):
+    def __call__(self, x, out=None, trace=None, x_same=False, rot=0):
+        """``trace``: an int64 [grid, 16] tensor that receives each program's timestamps (``_stamp``).
+        ``x_same``: timing only - every unit multiplies x's first chunk (the result is wrong)."""
         M = x.shape[0]
         out = torch.empty_like(x) if out is None else out
         gluon_mlp_kernel[(self.grid,)](x, self.act, out, self.ws1, self.ss1, self.ws2, self.count, self.wgu_desc,
-                                       self.wd_desc, M, self.eps, H=self.H, I=self.I, MP=self.mp, BK=self.bk,
-                                       STAGES=self.stages, num_warps=4)
+                                       self.wd_desc, M, self.eps, self.count if trace is None else trace, rot,
+                                       TRACE=trace is not None, X_SAME=x_same, PACKED=self.packed, H=self.H, I=self.I, MP=self.mp, BK=self.bk,
+                                       STAGES=self.stages, NP1=self.np1, NP2=self.np2, RB2=self.rb2,
+                                       num_warps=4)
         return out
+
+
+STAMPS = {0: "start", 1: "gate/up done", 2: "barrier 1", 3: "SwiGLU done", 4: "barrier 2", 5: "down done",
+          6: "barrier 3", 7: "end", 8: "producer start", 9: "producer gate/up issued", 10: "producer down issued"}
+
+
+def phase_trace(ws, x, grid, bk, stages, packed):
+    """One launch with timestamps (its weights last read a launch earlier than the other copy's): each stamp's
+    median and max over the programs, us after the earliest start."""
+    mlps = [GluonMLP(gu, d, x.shape[0], grid, bk=bk, stages=stages, packed=packed) for gu, d in ws[:2]]
+    traces = [torch.zeros(grid, 16, dtype=torch.int64, device=x.device) for _ in range(4)]
+    for trace, rot in zip(traces, (0, 0, 0, grid // 2)):
+        mlps[0](x)
+        mlps[1](x, trace=trace, rot=rot)
+    torch.cuda.synchronize()
+    ts = [(tr[:, :len(STAMPS)] - tr[:, 0].min()).double() / 1e3 for tr in traces]
+    t = ts[2]
+    out = {name: (float(t[:, j].median()), float(t[:, j].max())) for j, name in STAMPS.items()}
+    # is a program's gate/up time a property of its SM (the same programs slow in every launch) or chance?
+    a, b = ts[1][:, 1] - ts[1][:, 0], ts[2][:, 1] - ts[2][:, 0]
+    out["gate/up time, corr. between launches"] = (float(torch.corrcoef(torch.stack([a, b]))[0, 1]), 0.0)
+    # the fourth launch gave program i the share of program i + grid/2: do the slow ones follow the SM or the share?
+    c = ts[3][:, 1] - ts[3][:, 0]
+    share = torch.arange(grid, device=c.device)
+    by_share = torch.empty_like(c)
+    by_share[(share + grid // 2) % grid] = c
+    out["same, shifted shares: corr. by program / by share"] = (float(torch.corrcoef(torch.stack([b, c]))[0, 1]),
+                                                                 float(torch.corrcoef(torch.stack([b, by_share]))[0, 1]))
+    return out
 
 
 def mlp_reference(x, gate_up_w, down_w, eps=1e-6):
@@ -286,7 +412,11 @@ def main():
     ap.add_argument("--shapes", default="7B,1.5B")
     ap.add_argument("--tokens", default="8,32")
     ap.add_argument("--bk", default="128,64")
-    ap.add_argument("--stages", default="6,12")
+    ap.add_argument("--stages", default="4,6")
+    ap.add_argument("--layouts", default="rowmajor,packed", help="rowmajor: the weights as stored; packed: "
+                    "box by box in unit order (pack_units)")
+    ap.add_argument("--x-same", type=int, default=0, help="1: also time the best variant with every unit reading "
+                    "x's first chunk (a wrong result: what the activation loads cost)")
     args = ap.parse_args()
     assert DEVICE == "cuda", "needs a GPU"
     command = "python bench/gluon_mlp.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
@@ -309,12 +439,14 @@ def main():
         ship_err = (ship - ref).abs().max().item() / scale
         t_ship = rotating_graph_ms(lambda i: shipped_mlp(x, *ws[i], sms), copies, reps=3, iters=15) * 1e3
         timed, errs = {}, {}
-        for bk, stages in itertools.product(map(int, args.bk.split(",")), map(int, args.stages.split(","))):
-            if stages * 2 * ROWS * bk * 2 + 32 * bk * 2 > 220 * 1024:
+        for bk, stages, layout in itertools.product(map(int, args.bk.split(",")), map(int, args.stages.split(",")),
+                                                    args.layouts.split(",")):
+            if stages * 2 * ROWS * bk * 2 + 2 * 32 * bk * 2 > 220 * 1024:
                 continue
-            key = f"{bk},{stages}"
+            key = f"{bk},{stages},{layout}"
             try:
-                mlps = [GluonMLP(gu, d, tokens, sms, bk=bk, stages=stages) for gu, d in ws]
+                mlps = [GluonMLP(gu, d, tokens, sms, bk=bk, stages=stages, packed=layout == "packed")
+                        for gu, d in ws]
                 out = mlps[0](x).float()
                 torch.cuda.synchronize()
                 err = (out - ref).abs().max().item() / scale
@@ -326,16 +458,34 @@ def main():
                 outs = [torch.empty_like(x) for _ in range(copies)]
                 timed[key] = rotating_graph_ms(lambda i: mlps[i](x, outs[i]), copies, reps=3, iters=15) * 1e3
             except Exception as e:  # noqa: BLE001 - a variant this Triton cannot build or that is wrong: report
-                print(f"  {shape} {tokens} bk {bk} stages {stages}: {type(e).__name__}: "
+                print(f"  {shape} {tokens} {key}: {type(e).__name__}: "
                       + " | ".join(str(e).splitlines()[-12:])[:1500], flush=True)
             finally:
+                mlps = None
                 torch.cuda.synchronize()
         best = min(timed, key=timed.get) if timed else None
+        traces = {}
+        for layout in args.layouts.split(","):            # the best of each layout, traced
+            mine = [k for k in timed if k.endswith(layout)]
+            if mine:
+                bk, stages, _ = min(mine, key=timed.get).split(",")
+                traces[layout] = phase_trace(ws, x, sms, int(bk), int(stages), layout == "packed")
+        if best and args.x_same:
+            bk, stages, layout = best.split(",")
+            same = [GluonMLP(gu, d, tokens, sms, bk=int(bk), stages=int(stages), packed=layout == "packed")
+                    for gu, d in ws]
+            timed["x_same (timing only)"] = rotating_graph_ms(lambda i: same[i](x, x_same=True), copies, reps=3,
+                                                            iters=15) * 1e3
+            same = None
         record("gluon_mlp", shape=shape, tokens=tokens, mlp_bytes=nbytes, floor_us=floor_us, copy_GBps=bw,
-               shipped_us=t_ship, gluon_us=timed, max_rel_err=errs, shipped_max_rel_err=ship_err, command=command)
+               shipped_us=t_ship, gluon_us=timed, max_rel_err=errs, shipped_max_rel_err=ship_err, trace_us=traces,
+               command=command)
         print(f"{shape:5} {tokens:3} {floor_us:7.1f} {t_ship:8.1f} "
               + (f"{timed[best]:8.1f}   ({best}); all {timed}; err {errs[best]:.1e} (shipped {ship_err:.1e})"
                  if best else f"{'-':>8}"), flush=True)
+        for layout, trace in traces.items():
+            print(f"      {layout}: where the time goes, us from the first start (median / max over programs): "
+                  + ", ".join(f"{k} {v[0]:.1f}/{v[1]:.1f}" for k, v in trace.items()), flush=True)
 
 
 if __name__ == "__main__":
