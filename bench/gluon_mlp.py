@@ -60,9 +60,10 @@ def _units(n_units, pid, G):
 
 
 @gluon.jit
-def _producer(wgu_desc, wd_desc, bufs, ready, empty, trace_ptr, rot, H: gl.constexpr, I: gl.constexpr,
-              BK: gl.constexpr, TRACE: gl.constexpr, PACKED: gl.constexpr):
+def _producer(wgu_desc, wd_desc, x_desc, bufs, xbufs, ready, empty, trace_ptr, rot, P1, P2, H: gl.constexpr,
+              I: gl.constexpr, BK: gl.constexpr, TRACE: gl.constexpr, PACKED: gl.constexpr, X_TMA: gl.constexpr):
     STAGES: gl.constexpr = bufs.type.shape[0] // 2
+    X_BYTES: gl.constexpr = xbufs.type.shape[1] * BK * 2
     STAGE_BYTES: gl.constexpr = 2 * BOX * BK * 2
     KS1: gl.constexpr = H // BK
     KS2: gl.constexpr = I // BK
@@ -74,12 +75,17 @@ def _producer(wgu_desc, wd_desc, bufs, ready, empty, trace_ptr, rot, H: gl.const
     for u in range(lo, hi):                      # gate/up: 64 gate rows and their 64 up rows
         t = u // KS1
         k = u - t * KS1
+        t = (t * P1) % (I // BOX)                # the weight tile this unit's tile stands for (scramble)
         s = it % STAGES
         mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
-        mbarrier.expect(ready.index(s), STAGE_BYTES)
+        if X_TMA:                                # the activation tile rides in the same stage
+            mbarrier.expect(ready.index(s), STAGE_BYTES + X_BYTES)
+            TMA_LOAD(x_desc, [0, k * BK], ready.index(s), xbufs.index(s))
+        else:
+            mbarrier.expect(ready.index(s), STAGE_BYTES)
         if PACKED:                               # the unit's two boxes lie one after the other
-            TMA_LOAD(wgu_desc, [u * 2 * BOX, 0], ready.index(s), bufs.index(2 * s))
-            TMA_LOAD(wgu_desc, [u * 2 * BOX + BOX, 0], ready.index(s), bufs.index(2 * s + 1))
+            TMA_LOAD(wgu_desc, [(t * KS1 + k) * 2 * BOX, 0], ready.index(s), bufs.index(2 * s))
+            TMA_LOAD(wgu_desc, [(t * KS1 + k) * 2 * BOX + BOX, 0], ready.index(s), bufs.index(2 * s + 1))
         else:
             TMA_LOAD(wgu_desc, [t * BOX, k * BK], ready.index(s), bufs.index(2 * s))
             TMA_LOAD(wgu_desc, [I + t * BOX, k * BK], ready.index(s), bufs.index(2 * s + 1))
@@ -89,12 +95,13 @@ def _producer(wgu_desc, wd_desc, bufs, ready, empty, trace_ptr, rot, H: gl.const
     for u in range(lo, hi):                      # down: 128 output rows
         t = u // KS2
         k = u - t * KS2
+        t = (t * P2) % (H // (2 * BOX))
         s = it % STAGES
         mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
         mbarrier.expect(ready.index(s), STAGE_BYTES)
         if PACKED:
-            TMA_LOAD(wd_desc, [u * 2 * BOX, 0], ready.index(s), bufs.index(2 * s))
-            TMA_LOAD(wd_desc, [u * 2 * BOX + BOX, 0], ready.index(s), bufs.index(2 * s + 1))
+            TMA_LOAD(wd_desc, [(t * KS2 + k) * 2 * BOX, 0], ready.index(s), bufs.index(2 * s))
+            TMA_LOAD(wd_desc, [(t * KS2 + k) * 2 * BOX + BOX, 0], ready.index(s), bufs.index(2 * s + 1))
         else:
             TMA_LOAD(wd_desc, [t * 2 * BOX, k * BK], ready.index(s), bufs.index(2 * s))
             TMA_LOAD(wd_desc, [t * 2 * BOX + BOX, k * BK], ready.index(s), bufs.index(2 * s + 1))
@@ -109,9 +116,9 @@ def _load_x(x_ptr, M, XK: gl.constexpr, BK: gl.constexpr, k, rows, cols, valid):
 
 
 @gluon.jit
-def _mma_phase(x_ptr, M, XK: gl.constexpr, ws_ptr, ss_ptr, bufs, ready, empty, xs, it, pid, G,
+def _mma_phase(x_ptr, M, XK: gl.constexpr, ws_ptr, ss_ptr, bufs, xbufs, ready, empty, xs, it, pid, G,
                WITH_SS: gl.constexpr, MP: gl.constexpr, BK: gl.constexpr, acc_layout: gl.constexpr,
-               x_layout: gl.constexpr, N_TILES: gl.constexpr, X_SAME: gl.constexpr):
+               x_layout: gl.constexpr, N_TILES: gl.constexpr, X_SAME: gl.constexpr, X_TMA: gl.constexpr):
     """One matmul's stream-K share: x [M, XK] (bf16, row-major) against the stages the producer fills; each tile's
     two [BOX, MP] partial sums (and, with WITH_SS, the x rows' partial sums of squares) go to workspace slots
     (program, segment). A unit's MMAs run while the next unit's x tile is stored (two x buffers); its stage is
@@ -129,18 +136,21 @@ def _mma_phase(x_ptr, M, XK: gl.constexpr, ws_ptr, ss_ptr, bufs, ready, empty, x
     acc1 = gl.zeros([BOX, MP], gl.float32, acc_layout)
     ss = gl.zeros([MP, BK], gl.float32, x_layout)
     KX: gl.constexpr = 1 if X_SAME else KS      # X_SAME (timing only, wrong result): every unit reads chunk 0
-    xv = _load_x(x_ptr, M, XK, BK, lo % KX, rows, cols, lo < hi)
-    xn = _load_x(x_ptr, M, XK, BK, (lo + 1) % KX, rows, cols, lo + 1 < hi)
+    xv = _load_x(x_ptr, M, XK, BK, lo % KX, rows, cols, (lo < hi) & (not X_TMA))   # (X_TMA: loads nothing)
+    xn = _load_x(x_ptr, M, XK, BK, (lo + 1) % KX, rows, cols, (lo + 1 < hi) & (not X_TMA))
     pend = -1
     for u in range(lo, hi):
         t = u // KS
         k = u - t * KS
-        xa = _load_x(x_ptr, M, XK, BK, (u + 2) % KX, rows, cols, u + 2 < hi)    # two units ahead
-        xb = xs.index(u % 2)
-        xb.store(xv)
-        fence_async_shared()
-        CTA_SYNC()
+        xa = _load_x(x_ptr, M, XK, BK, (u + 2) % KX, rows, cols, (u + 2 < hi) & (not X_TMA))  # two units ahead
         s = it % STAGES
+        if X_TMA:
+            xb = xbufs.index(s)
+        else:
+            xb = xs.index(u % 2)
+            xb.store(xv)
+            fence_async_shared()
+            CTA_SYNC()
         mbarrier.wait(ready.index(s), (it // STAGES) & 1)
         acc0 = warpgroup_mma(bufs.index(2 * s), xb.permute((1, 0)), acc0, is_async=True)
         acc1 = warpgroup_mma(bufs.index(2 * s + 1), xb.permute((1, 0)), acc1, is_async=True)
@@ -149,7 +159,11 @@ def _mma_phase(x_ptr, M, XK: gl.constexpr, ws_ptr, ss_ptr, bufs, ready, empty, x
             mbarrier.arrive(empty.index(pend), count=1)
         pend = s
         if WITH_SS:
-            xf = xv.to(gl.float32)
+            if X_TMA:
+                xf = xb.load(x_layout).to(gl.float32)
+                fence_async_shared()             # this read ordered before the slot's next TMA write
+            else:
+                xf = xv.to(gl.float32)
             ss += xf * xf
         if (k == KS - 1) | (u == hi - 1):        # the tile's piece is done: to its slot
             acc0, acc1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1))
@@ -200,9 +214,10 @@ def _piece_sum(ws_ptr, p, valid, seg, half, r0, RB: gl.constexpr, MP: gl.constex
 
 
 @gluon.jit
-def _consumer(x_ptr, act_ptr, out_ptr, ws1_ptr, ss1_ptr, ws2_ptr, p_count, bufs, ready, empty, xs, M, eps,
-              trace_ptr, rot, H: gl.constexpr, I: gl.constexpr, MP: gl.constexpr, BK: gl.constexpr, NP1: gl.constexpr,
-              NP2: gl.constexpr, RB2: gl.constexpr, TRACE: gl.constexpr, X_SAME: gl.constexpr):
+def _consumer(x_ptr, act_ptr, out_ptr, ws1_ptr, ss1_ptr, ws2_ptr, p_count, bufs, xbufs, ready, empty, xs, M, eps,
+              trace_ptr, rot, P1, P2, H: gl.constexpr, I: gl.constexpr, MP: gl.constexpr, BK: gl.constexpr, NP1: gl.constexpr,
+              NP2: gl.constexpr, RB2: gl.constexpr, TRACE: gl.constexpr, X_SAME: gl.constexpr,
+              X_TMA: gl.constexpr):
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, MP, 16])
     TPK: gl.constexpr = BK // 8
@@ -215,8 +230,8 @@ def _consumer(x_ptr, act_ptr, out_ptr, ws1_ptr, ss1_ptr, ws2_ptr, p_count, bufs,
     KS1: gl.constexpr = H // BK
     KS2: gl.constexpr = I // BK
     _stamp(trace_ptr, 0, TRACE)
-    it = _mma_phase(x_ptr, M, H, ws1_ptr, ss1_ptr, bufs, ready, empty, xs, pid * 0, pid, G, True, MP, BK,
-                    acc_layout, x_layout, I // BOX, X_SAME)
+    it = _mma_phase(x_ptr, M, H, ws1_ptr, ss1_ptr, bufs, xbufs, ready, empty, xs, pid * 0, pid, G, True, MP, BK,
+                    acc_layout, x_layout, I // BOX, X_SAME, X_TMA)
     _stamp(trace_ptr, 1, TRACE)
     _grid_barrier(p_count, G)
     _stamp(trace_ptr, 2, TRACE)
@@ -239,13 +254,14 @@ def _consumer(x_ptr, act_ptr, out_ptr, ws1_ptr, ss1_ptr, ws2_ptr, p_count, bufs,
         gf = (g * rstd[None, :]).to(gl.bfloat16).to(gl.float32)      # rounded as the shipped kernel rounds
         uf = (up * rstd[None, :]).to(gl.bfloat16).to(gl.float32)
         a = (gf / (1.0 + gl.exp(-gf))).to(gl.bfloat16).to(gl.float32)
-        gl.store(act_ptr + m[None, :] * I + (t * BOX + r)[:, None], (a * uf).to(gl.bfloat16), mask=mask)
+        tw = (t * P1) % (I // BOX)               # the intermediate columns this tile computed
+        gl.store(act_ptr + m[None, :] * I + (tw * BOX + r)[:, None], (a * uf).to(gl.bfloat16), mask=mask)
     _stamp(trace_ptr, 3, TRACE)
     _grid_barrier(p_count, 2 * G)
     _stamp(trace_ptr, 4, TRACE)
 
-    it = _mma_phase(act_ptr, M, I, ws2_ptr, ss1_ptr, bufs, ready, empty, xs, it, pid, G, False, MP, BK,
-                    acc_layout, x_layout, H // (2 * BOX), X_SAME)
+    it = _mma_phase(act_ptr, M, I, ws2_ptr, ss1_ptr, bufs, xbufs, ready, empty, xs, it, pid, G, False, MP, BK,
+                    acc_layout, x_layout, H // (2 * BOX), X_SAME, False)
     _stamp(trace_ptr, 5, TRACE)
     _grid_barrier(p_count, 3 * G)
     _stamp(trace_ptr, 6, TRACE)
@@ -261,7 +277,7 @@ def _consumer(x_ptr, act_ptr, out_ptr, ws1_ptr, ss1_ptr, ws2_ptr, p_count, bufs,
         half = (row0 // BOX) % 2
         p, valid, seg = _pieces(t, KS2, n2, G, NP2, l3b)
         y = _piece_sum(ws2_ptr, p, valid, seg, half, row0 % BOX, RB2, MP, l3b)
-        col = (row0 + rb)[:, None]
+        col = (((t * P2) % (H // (2 * BOX))) * 2 * BOX + row0 % (2 * BOX) + rb)[:, None]
         res = gl.load(x_ptr + mb[None, :] * H + col, mask=maskb, other=0.0)
         gl.store(out_ptr + mb[None, :] * H + col, (y + res.to(gl.float32)).to(gl.bfloat16), mask=maskb)
 
@@ -273,23 +289,26 @@ def _consumer(x_ptr, act_ptr, out_ptr, ws1_ptr, ss1_ptr, ws2_ptr, p_count, bufs,
 
 
 @gluon.jit
-def gluon_mlp_kernel(x_ptr, act_ptr, out_ptr, ws1_ptr, ss1_ptr, ws2_ptr, p_count, wgu_desc, wd_desc, M, eps, trace_ptr,
-                     rot,
+def gluon_mlp_kernel(x_ptr, act_ptr, out_ptr, ws1_ptr, ss1_ptr, ws2_ptr, p_count, wgu_desc, wd_desc, x_desc, M, eps,
+                     trace_ptr, rot, P1, P2,
                      H: gl.constexpr, I: gl.constexpr, MP: gl.constexpr, BK: gl.constexpr,
                      STAGES: gl.constexpr, NP1: gl.constexpr, NP2: gl.constexpr, RB2: gl.constexpr,
-                     TRACE: gl.constexpr, X_SAME: gl.constexpr, PACKED: gl.constexpr, num_warps: gl.constexpr):
+                     TRACE: gl.constexpr, X_SAME: gl.constexpr, PACKED: gl.constexpr, X_TMA: gl.constexpr,
+                     X_STAGES: gl.constexpr, num_warps: gl.constexpr):
     bufs = gl.allocate_shared_memory(gl.bfloat16, [2 * STAGES, BOX, BK], wgu_desc.layout)
     xs = gl.allocate_shared_memory(gl.bfloat16, [2, MP, BK], gl.NVMMASharedLayout.get_default_for([MP, BK],
                                                                                                    gl.bfloat16))
+    xbufs = gl.allocate_shared_memory(gl.bfloat16, [X_STAGES, MP, BK], x_desc.layout)   # X_TMA: STAGES, else 1
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
     gl.warp_specialize([
-        (_consumer, (x_ptr, act_ptr, out_ptr, ws1_ptr, ss1_ptr, ws2_ptr, p_count, bufs, ready, empty, xs, M, eps,
-                     trace_ptr, rot, H, I, MP, BK, NP1, NP2, RB2, TRACE, X_SAME)),
-        (_producer, (wgu_desc, wd_desc, bufs, ready, empty, trace_ptr, rot, H, I, BK, TRACE, PACKED)),
+        (_consumer, (x_ptr, act_ptr, out_ptr, ws1_ptr, ss1_ptr, ws2_ptr, p_count, bufs, xbufs, ready, empty, xs, M,
+                     eps, trace_ptr, rot, P1, P2, H, I, MP, BK, NP1, NP2, RB2, TRACE, X_SAME, X_TMA)),
+        (_producer, (wgu_desc, wd_desc, x_desc, bufs, xbufs, ready, empty, trace_ptr, rot, P1, P2, H, I, BK, TRACE,
+                     PACKED, X_TMA)),
     ], [1], [40])
 
 
@@ -307,6 +326,13 @@ def max_pieces(n_tiles: int, ks: int, grid: int) -> int:
     return 1 << (most - 1).bit_length()
 
 
+def scramble_step(n: int) -> int:
+    """The integer nearest 0.618 n that is coprime to n: t -> t * step mod n visits every tile once, neighbours
+    far apart."""
+    import math
+    return min((p for p in range(1, n) if math.gcd(p, n) == 1), key=lambda p: abs(p - 0.618 * n), default=1)
+
+
 def pack_units(gate_up_w, down_w, bk: int):
     """The weights as [units * 128, bk]: unit (tile, k) of gate/up is its 64 gate rows then its 64 up rows of K
     columns k * bk .. + bk; unit (tile, k) of down its 128 rows; units in the order the kernel numbers them."""
@@ -322,9 +348,11 @@ class GluonMLP:
     call can be captured in a CUDA graph."""
 
     def __init__(self, gate_up_w, down_w, max_tokens: int, grid: int, bk: int = 128, stages: int = 6,
-                 eps: float = 1e-6, packed: bool = False):
+                 eps: float = 1e-6, packed: bool = False, scramble: bool = False, x_tma: bool = False):
         """``packed``: stream copies of the weights laid out box by box in the order the units read them, so each
-        program's share is one contiguous range of memory (``pack_units``)."""
+        program's share is one contiguous range of memory (``pack_units``). ``scramble``: unit tile t reads weight
+        tile t * P mod T (P coprime to T, near 0.618 T), so a program's two or three tiles lie far apart in the
+        weight. ``x_tma``: the producer also copies each gate/up unit's activation tile into its stage."""
         I2, H = gate_up_w.shape
         self.H, self.I = H, I2 // 2
         assert down_w.shape == (H, self.I)
@@ -334,6 +362,10 @@ class GluonMLP:
         assert max_segments(self.I // ROWS, H // bk, grid) <= MAX_SEGS
         assert max_segments(H // (2 * ROWS), self.I // bk, grid) <= MAX_SEGS
         self.bk, self.stages, self.grid, self.eps = bk, stages, grid, eps
+        self.p1 = scramble_step(self.I // ROWS) if scramble else 1
+        self.p2 = scramble_step(H // (2 * ROWS)) if scramble else 1
+        self.x_tma = x_tma
+        self.x_layout = gl.NVMMASharedLayout.get_default_for([self.mp, bk], gl.bfloat16)
         self.np1 = max_pieces(self.I // ROWS, H // bk, grid)
         self.np2 = max_pieces(H // (2 * ROWS), self.I // bk, grid)
         self.rb2 = min(ROWS, 8192 // (self.np2 * self.mp))      # final sum: <= 64 fp32 registers a thread
@@ -357,8 +389,10 @@ class GluonMLP:
         ``x_same``: timing only - every unit multiplies x's first chunk (the result is wrong)."""
         M = x.shape[0]
         out = torch.empty_like(x) if out is None else out
+        x_desc = TensorDescriptor.from_tensor(x, [self.mp, self.bk], self.x_layout)   # rows >= M read as zeros
         gluon_mlp_kernel[(self.grid,)](x, self.act, out, self.ws1, self.ss1, self.ws2, self.count, self.wgu_desc,
-                                       self.wd_desc, M, self.eps, self.count if trace is None else trace, rot,
+                                       self.wd_desc, x_desc, M, self.eps, self.count if trace is None else trace, rot,
+                                       self.p1, self.p2, X_TMA=self.x_tma, X_STAGES=self.stages if self.x_tma else 1,
                                        TRACE=trace is not None, X_SAME=x_same, PACKED=self.packed, H=self.H, I=self.I, MP=self.mp, BK=self.bk,
                                        STAGES=self.stages, NP1=self.np1, NP2=self.np2, RB2=self.rb2,
                                        num_warps=4)
@@ -369,10 +403,16 @@ STAMPS = {0: "start", 1: "gate/up done", 2: "barrier 1", 3: "SwiGLU done", 4: "b
           6: "barrier 3", 7: "end", 8: "producer start", 9: "producer gate/up issued", 10: "producer down issued"}
 
 
-def phase_trace(ws, x, grid, bk, stages, packed):
+def scheme_options(scheme: str) -> dict:
+    parts = scheme.split("+")
+    assert parts[0] in ("rowmajor", "packed") and set(parts[1:]) <= {"scramble", "xtma"}, f"unknown scheme {scheme}"
+    return dict(packed=parts[0] == "packed", scramble="scramble" in parts, x_tma="xtma" in parts)
+
+
+def phase_trace(ws, x, grid, bk, stages, options):
     """One launch with timestamps (its weights last read a launch earlier than the other copy's): each stamp's
     median and max over the programs, us after the earliest start."""
-    mlps = [GluonMLP(gu, d, x.shape[0], grid, bk=bk, stages=stages, packed=packed) for gu, d in ws[:2]]
+    mlps = [GluonMLP(gu, d, x.shape[0], grid, bk=bk, stages=stages, **options) for gu, d in ws[:2]]
     traces = [torch.zeros(grid, 16, dtype=torch.int64, device=x.device) for _ in range(4)]
     for trace, rot in zip(traces, (0, 0, 0, grid // 2)):
         mlps[0](x)
@@ -413,8 +453,9 @@ def main():
     ap.add_argument("--tokens", default="8,32")
     ap.add_argument("--bk", default="128,64")
     ap.add_argument("--stages", default="4,6")
-    ap.add_argument("--layouts", default="rowmajor,packed", help="rowmajor: the weights as stored; packed: "
-                    "box by box in unit order (pack_units)")
+    ap.add_argument("--schemes", "--layouts", default="rowmajor,packed", help="comma-separated; each rowmajor "
+                    "(the weights as stored) or packed (box by box in unit order, pack_units), optionally with "
+                    "+scramble (tiles read in a scrambled order) and/or +xtma (activation tiles by TMA)")
     ap.add_argument("--x-same", type=int, default=0, help="1: also time the best variant with every unit reading "
                     "x's first chunk (a wrong result: what the activation loads cost)")
     args = ap.parse_args()
@@ -439,14 +480,13 @@ def main():
         ship_err = (ship - ref).abs().max().item() / scale
         t_ship = rotating_graph_ms(lambda i: shipped_mlp(x, *ws[i], sms), copies, reps=3, iters=15) * 1e3
         timed, errs = {}, {}
-        for bk, stages, layout in itertools.product(map(int, args.bk.split(",")), map(int, args.stages.split(",")),
-                                                    args.layouts.split(",")):
-            if stages * 2 * ROWS * bk * 2 + 2 * 32 * bk * 2 > 220 * 1024:
+        for bk, stages, scheme in itertools.product(map(int, args.bk.split(",")), map(int, args.stages.split(",")),
+                                                    args.schemes.split(",")):
+            if (stages * 2 * ROWS + 2 * 32 + ("xtma" in scheme) * stages * 32) * bk * 2 > 220 * 1024:
                 continue
-            key = f"{bk},{stages},{layout}"
+            key = f"{bk},{stages},{scheme}"
             try:
-                mlps = [GluonMLP(gu, d, tokens, sms, bk=bk, stages=stages, packed=layout == "packed")
-                        for gu, d in ws]
+                mlps = [GluonMLP(gu, d, tokens, sms, bk=bk, stages=stages, **scheme_options(scheme)) for gu, d in ws]
                 out = mlps[0](x).float()
                 torch.cuda.synchronize()
                 err = (out - ref).abs().max().item() / scale
@@ -465,14 +505,14 @@ def main():
                 torch.cuda.synchronize()
         best = min(timed, key=timed.get) if timed else None
         traces = {}
-        for layout in args.layouts.split(","):            # the best of each layout, traced
-            mine = [k for k in timed if k.endswith(layout)]
+        for scheme in args.schemes.split(","):            # the best of each scheme, traced
+            mine = [k for k in timed if k.split(",")[2] == scheme]
             if mine:
                 bk, stages, _ = min(mine, key=timed.get).split(",")
-                traces[layout] = phase_trace(ws, x, sms, int(bk), int(stages), layout == "packed")
+                traces[scheme] = phase_trace(ws, x, sms, int(bk), int(stages), scheme_options(scheme))
         if best and args.x_same:
-            bk, stages, layout = best.split(",")
-            same = [GluonMLP(gu, d, tokens, sms, bk=int(bk), stages=int(stages), packed=layout == "packed")
+            bk, stages, scheme = best.split(",")
+            same = [GluonMLP(gu, d, tokens, sms, bk=int(bk), stages=int(stages), **scheme_options(scheme))
                     for gu, d in ws]
             timed["x_same (timing only)"] = rotating_graph_ms(lambda i: same[i](x, x_same=True), copies, reps=3,
                                                             iters=15) * 1e3
@@ -483,8 +523,8 @@ def main():
         print(f"{shape:5} {tokens:3} {floor_us:7.1f} {t_ship:8.1f} "
               + (f"{timed[best]:8.1f}   ({best}); all {timed}; err {errs[best]:.1e} (shipped {ship_err:.1e})"
                  if best else f"{'-':>8}"), flush=True)
-        for layout, trace in traces.items():
-            print(f"      {layout}: where the time goes, us from the first start (median / max over programs): "
+        for scheme, trace in traces.items():
+            print(f"      {scheme}: where the time goes, us from the first start (median / max over programs): "
                   + ", ".join(f"{k} {v[0]:.1f}/{v[1]:.1f}" for k, v in trace.items()), flush=True)
 
 
