@@ -84,8 +84,9 @@ def _producer(wgu_desc, wd_desc, x_desc, bufs, xbufs, ready, empty, trace_ptr, r
         else:
             mbarrier.expect(ready.index(s), STAGE_BYTES)
         if PACKED:                               # the unit's two boxes lie one after the other
-            TMA_LOAD(wgu_desc, [(t * KS1 + k) * 2 * BOX, 0], ready.index(s), bufs.index(2 * s))
-            TMA_LOAD(wgu_desc, [(t * KS1 + k) * 2 * BOX + BOX, 0], ready.index(s), bufs.index(2 * s + 1))
+            mu = (u - lo) * G + pid if PACKED == 2 else t * KS1 + k     # 2: the shares interleaved unit by unit
+            TMA_LOAD(wgu_desc, [mu * 2 * BOX, 0], ready.index(s), bufs.index(2 * s))
+            TMA_LOAD(wgu_desc, [mu * 2 * BOX + BOX, 0], ready.index(s), bufs.index(2 * s + 1))
         else:
             TMA_LOAD(wgu_desc, [t * BOX, k * BK], ready.index(s), bufs.index(2 * s))
             TMA_LOAD(wgu_desc, [I + t * BOX, k * BK], ready.index(s), bufs.index(2 * s + 1))
@@ -100,8 +101,9 @@ def _producer(wgu_desc, wd_desc, x_desc, bufs, xbufs, ready, empty, trace_ptr, r
         mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
         mbarrier.expect(ready.index(s), STAGE_BYTES)
         if PACKED:
-            TMA_LOAD(wd_desc, [(t * KS2 + k) * 2 * BOX, 0], ready.index(s), bufs.index(2 * s))
-            TMA_LOAD(wd_desc, [(t * KS2 + k) * 2 * BOX + BOX, 0], ready.index(s), bufs.index(2 * s + 1))
+            mu = (u - lo) * G + pid if PACKED == 2 else t * KS2 + k
+            TMA_LOAD(wd_desc, [mu * 2 * BOX, 0], ready.index(s), bufs.index(2 * s))
+            TMA_LOAD(wd_desc, [mu * 2 * BOX + BOX, 0], ready.index(s), bufs.index(2 * s + 1))
         else:
             TMA_LOAD(wd_desc, [t * 2 * BOX, k * BK], ready.index(s), bufs.index(2 * s))
             TMA_LOAD(wd_desc, [t * 2 * BOX + BOX, k * BK], ready.index(s), bufs.index(2 * s + 1))
@@ -333,14 +335,26 @@ def scramble_step(n: int) -> int:
     return min((p for p in range(1, n) if math.gcd(p, n) == 1), key=lambda p: abs(p - 0.618 * n), default=1)
 
 
-def pack_units(gate_up_w, down_w, bk: int):
+def pack_units(gate_up_w, down_w, bk: int, interleave_grid: int = 0):
     """The weights as [units * 128, bk]: unit (tile, k) of gate/up is its 64 gate rows then its 64 up rows of K
-    columns k * bk .. + bk; unit (tile, k) of down its 128 rows; units in the order the kernel numbers them."""
+    columns k * bk .. + bk; unit (tile, k) of down its 128 rows; units in the order the kernel numbers them - or,
+    with ``interleave_grid`` G, the j-th unit of program p's share at slot j * G + p, so that at any moment the
+    programs read neighbouring memory (as a grid of programs over tiles does) while each keeps a contiguous share."""
     I2, H = gate_up_w.shape
     I = I2 // 2
-    gu = gate_up_w.view(2, I // ROWS, ROWS, H // bk, bk).permute(1, 3, 0, 2, 4)
-    d = down_w.view(H // (2 * ROWS), 2, ROWS, I // bk, bk).permute(0, 3, 1, 2, 4)
-    return gu.reshape(-1, bk).contiguous(), d.reshape(-1, bk).contiguous()
+    gu = gate_up_w.view(2, I // ROWS, ROWS, H // bk, bk).permute(1, 3, 0, 2, 4).reshape(-1, 2 * ROWS, bk)
+    d = down_w.view(H // (2 * ROWS), 2, ROWS, I // bk, bk).permute(0, 3, 1, 2, 4).reshape(-1, 2 * ROWS, bk)
+    out = []
+    for w in (gu, d):
+        if interleave_grid:
+            n, G = w.shape[0], interleave_grid
+            per = -(-n // G)
+            u = torch.arange(n, device=w.device)
+            slots = w.new_zeros(per * G, 2 * ROWS, bk)
+            slots[(u % per) * G + u // per] = w
+            w = slots
+        out.append(w.reshape(-1, bk).contiguous())
+    return tuple(out)
 
 
 class GluonMLP:
@@ -372,7 +386,7 @@ class GluonMLP:
         assert self.np1 * ROWS * self.mp <= 8192 and self.rb2 >= 8
         self.packed = packed
         if packed:
-            gate_up_w, down_w = pack_units(gate_up_w, down_w, bk)
+            gate_up_w, down_w = pack_units(gate_up_w, down_w, bk, grid if packed == "interleaved" else 0)
             self.keep = (gate_up_w, down_w)
         layout = gl.NVMMASharedLayout.get_default_for([ROWS, bk], gl.bfloat16)
         self.wgu_desc = TensorDescriptor.from_tensor(gate_up_w, [ROWS, bk], layout)
@@ -393,7 +407,7 @@ class GluonMLP:
         gluon_mlp_kernel[(self.grid,)](x, self.act, out, self.ws1, self.ss1, self.ws2, self.count, self.wgu_desc,
                                        self.wd_desc, x_desc, M, self.eps, self.count if trace is None else trace, rot,
                                        self.p1, self.p2, X_TMA=self.x_tma, X_STAGES=self.stages if self.x_tma else 1,
-                                       TRACE=trace is not None, X_SAME=x_same, PACKED=self.packed, H=self.H, I=self.I, MP=self.mp, BK=self.bk,
+                                       TRACE=trace is not None, X_SAME=x_same, PACKED={False: 0, True: 1, "interleaved": 2}[self.packed], H=self.H, I=self.I, MP=self.mp, BK=self.bk,
                                        STAGES=self.stages, NP1=self.np1, NP2=self.np2, RB2=self.rb2,
                                        num_warps=4)
         return out
@@ -405,8 +419,11 @@ STAMPS = {0: "start", 1: "gate/up done", 2: "barrier 1", 3: "SwiGLU done", 4: "b
 
 def scheme_options(scheme: str) -> dict:
     parts = scheme.split("+")
-    assert parts[0] in ("rowmajor", "packed") and set(parts[1:]) <= {"scramble", "xtma"}, f"unknown scheme {scheme}"
-    return dict(packed=parts[0] == "packed", scramble="scramble" in parts, x_tma="xtma" in parts)
+    assert parts[0] in ("rowmajor", "packed", "interleaved") and set(parts[1:]) <= {"scramble", "xtma"}, \
+        f"unknown scheme {scheme}"
+    assert not (parts[0] == "interleaved" and "scramble" in parts), "interleaved shares are not scrambled"
+    return dict(packed={"rowmajor": False, "packed": True, "interleaved": "interleaved"}[parts[0]],
+                scramble="scramble" in parts, x_tma="xtma" in parts)
 
 
 def phase_trace(ws, x, grid, bk, stages, options):
@@ -454,7 +471,8 @@ def main():
     ap.add_argument("--bk", default="128,64")
     ap.add_argument("--stages", default="4,6")
     ap.add_argument("--schemes", "--layouts", default="rowmajor,packed", help="comma-separated; each rowmajor "
-                    "(the weights as stored) or packed (box by box in unit order, pack_units), optionally with "
+                    "(the weights as stored), packed (box by box in unit order, pack_units) or interleaved (packed, the "
+                    "programs' shares interleaved unit by unit), optionally with "
                     "+scramble (tiles read in a scrambled order) and/or +xtma (activation tiles by TMA)")
     ap.add_argument("--x-same", type=int, default=0, help="1: also time the best variant with every unit reading "
                     "x's first chunk (a wrong result: what the activation loads cost)")
