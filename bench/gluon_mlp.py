@@ -220,13 +220,15 @@ def _consumer(x_ptr, act_ptr, out_ptr, ws1_ptr, ss1_ptr, ws2_ptr, p_count, bufs,
               trace_ptr, rot, P1, P2, H: gl.constexpr, I: gl.constexpr, MP: gl.constexpr, BK: gl.constexpr, NP1: gl.constexpr,
               NP2: gl.constexpr, RB2: gl.constexpr, TRACE: gl.constexpr, X_SAME: gl.constexpr,
               X_TMA: gl.constexpr):
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, MP, 16])
+    CW: gl.constexpr = gl.num_warps()            # consumer warps: 4, or 8 (two warpgroups splitting the tokens)
+    WG: gl.constexpr = CW // 4
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WG],
+                                                         instr_shape=[16, MP // WG, 16])
     TPK: gl.constexpr = BK // 8
-    x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPK, TPK], [4, 1], [1, 0])
+    x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPK, TPK], [CW, 1], [1, 0])
     TPM: gl.constexpr = MP // 4
-    l3a: gl.constexpr = gl.BlockedLayout([NP1, 1, 4], [1, 32 // TPM, TPM], [1, 4, 1], [2, 1, 0])
-    l3b: gl.constexpr = gl.BlockedLayout([NP2, 1, 4], [1, 32 // TPM, TPM], [1, 4, 1], [2, 1, 0])
+    l3a: gl.constexpr = gl.BlockedLayout([NP1, 1, 4], [1, 32 // TPM, TPM], [1, CW, 1], [2, 1, 0])
+    l3b: gl.constexpr = gl.BlockedLayout([NP2, 1, 4], [1, 32 // TPM, TPM], [1, CW, 1], [2, 1, 0])
     G = gl.num_programs(0)
     pid = (gl.program_id(0) + rot) % G          # the share this program streams (rot: a diagnostic shift)
     KS1: gl.constexpr = H // BK
@@ -362,11 +364,13 @@ class GluonMLP:
     call can be captured in a CUDA graph."""
 
     def __init__(self, gate_up_w, down_w, max_tokens: int, grid: int, bk: int = 128, stages: int = 6,
-                 eps: float = 1e-6, packed: bool = False, scramble: bool = False, x_tma: bool = False):
+                 eps: float = 1e-6, packed: bool = False, scramble: bool = False, x_tma: bool = False,
+                 warps: int = 4):
         """``packed``: stream copies of the weights laid out box by box in the order the units read them, so each
         program's share is one contiguous range of memory (``pack_units``). ``scramble``: unit tile t reads weight
         tile t * P mod T (P coprime to T, near 0.618 T), so a program's two or three tiles lie far apart in the
-        weight. ``x_tma``: the producer also copies each gate/up unit's activation tile into its stage."""
+        weight. ``x_tma``: the producer also copies each gate/up unit's activation tile into its stage. ``warps``:
+        the consumer's, 4 (one warpgroup) or 8 (two, each taking half the tokens; 16 tokens or more)."""
         I2, H = gate_up_w.shape
         self.H, self.I = H, I2 // 2
         assert down_w.shape == (H, self.I)
@@ -379,6 +383,8 @@ class GluonMLP:
         self.p1 = scramble_step(self.I // ROWS) if scramble else 1
         self.p2 = scramble_step(H // (2 * ROWS)) if scramble else 1
         self.x_tma = x_tma
+        assert warps == 4 or (warps == 8 and self.mp >= 16), "8 consumer warps split 16 or more tokens"
+        self.warps = warps
         self.x_layout = gl.NVMMASharedLayout.get_default_for([self.mp, bk], gl.bfloat16)
         self.np1 = max_pieces(self.I // ROWS, H // bk, grid)
         self.np2 = max_pieces(H // (2 * ROWS), self.I // bk, grid)
@@ -409,7 +415,7 @@ class GluonMLP:
                                        self.p1, self.p2, X_TMA=self.x_tma, X_STAGES=self.stages if self.x_tma else 1,
                                        TRACE=trace is not None, X_SAME=x_same, PACKED={False: 0, True: 1, "interleaved": 2}[self.packed], H=self.H, I=self.I, MP=self.mp, BK=self.bk,
                                        STAGES=self.stages, NP1=self.np1, NP2=self.np2, RB2=self.rb2,
-                                       num_warps=4)
+                                       num_warps=self.warps)
         return out
 
 
@@ -419,11 +425,11 @@ STAMPS = {0: "start", 1: "gate/up done", 2: "barrier 1", 3: "SwiGLU done", 4: "b
 
 def scheme_options(scheme: str) -> dict:
     parts = scheme.split("+")
-    assert parts[0] in ("rowmajor", "packed", "interleaved") and set(parts[1:]) <= {"scramble", "xtma"}, \
+    assert parts[0] in ("rowmajor", "packed", "interleaved") and set(parts[1:]) <= {"scramble", "xtma", "w8"}, \
         f"unknown scheme {scheme}"
     assert not (parts[0] == "interleaved" and "scramble" in parts), "interleaved shares are not scrambled"
     return dict(packed={"rowmajor": False, "packed": True, "interleaved": "interleaved"}[parts[0]],
-                scramble="scramble" in parts, x_tma="xtma" in parts)
+                scramble="scramble" in parts, x_tma="xtma" in parts, warps=8 if "w8" in parts else 4)
 
 
 def phase_trace(ws, x, grid, bk, stages, options):
@@ -473,7 +479,8 @@ def main():
     ap.add_argument("--schemes", "--layouts", default="rowmajor,packed", help="comma-separated; each rowmajor "
                     "(the weights as stored), packed (box by box in unit order, pack_units) or interleaved (packed, the "
                     "programs' shares interleaved unit by unit), optionally with "
-                    "+scramble (tiles read in a scrambled order) and/or +xtma (activation tiles by TMA)")
+                    "+scramble (tiles read in a scrambled order), +xtma (activation tiles by TMA), +w8 (8 consumer "
+                    "warps; 16 tokens or more)")
     ap.add_argument("--x-same", type=int, default=0, help="1: also time the best variant with every unit reading "
                     "x's first chunk (a wrong result: what the activation loads cost)")
     args = ap.parse_args()
@@ -500,7 +507,8 @@ def main():
         timed, errs = {}, {}
         for bk, stages, scheme in itertools.product(map(int, args.bk.split(",")), map(int, args.stages.split(",")),
                                                     args.schemes.split(",")):
-            if (stages * 2 * ROWS + 2 * 32 + ("xtma" in scheme) * stages * 32) * bk * 2 > 220 * 1024:
+            if (stages * 2 * ROWS + 2 * 32 + ("xtma" in scheme) * stages * 32) * bk * 2 > 220 * 1024 or \
+                    ("w8" in scheme and tokens < 16):
                 continue
             key = f"{bk},{stages},{scheme}"
             try:
