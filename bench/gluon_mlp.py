@@ -419,6 +419,34 @@ class GluonMLP:
         return out
 
 
+def compile_for_sm90(H: int, I: int, tokens: int, bk: int = 128, stages: int = 4, x_tma: bool = False,
+                     packed: int = 0, warps: int = 4, grid: int = 132):
+    """Compile the kernel for Hopper without a GPU (Triton's interpreter has no Gluon): run with TRITON_INTERPRET
+    unset. Returns (PTX, bytes of shared memory)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    mp = max(8, -(-tokens // 8) * 8)
+    box = gl.NVMMASharedLayout.get_default_for([ROWS, bk], gl.bfloat16)
+    descs = {"wgu_desc": TensorDescriptor.from_tensor(torch.empty(2 * I, H, dtype=torch.bfloat16), [ROWS, bk], box),
+             "wd_desc": TensorDescriptor.from_tensor(torch.empty(H, I, dtype=torch.bfloat16), [ROWS, bk], box),
+             "x_desc": TensorDescriptor.from_tensor(torch.empty(tokens, H, dtype=torch.bfloat16), [mp, bk],
+                                                    gl.NVMMASharedLayout.get_default_for([mp, bk], gl.bfloat16))}
+    np2 = max_pieces(H // (2 * ROWS), I // bk, grid)
+    sig = {"x_ptr": "*bf16", "act_ptr": "*bf16", "out_ptr": "*bf16", "ws1_ptr": "*fp32", "ss1_ptr": "*fp32",
+           "ws2_ptr": "*fp32", "p_count": "*i32", **{k: mangle_type(v) for k, v in descs.items()}, "M": "i32",
+           "eps": "fp32", "trace_ptr": "*i64", "rot": "i32", "P1": "i32", "P2": "i32"}
+    const = dict(H=H, I=I, MP=mp, BK=bk, STAGES=stages, NP1=max_pieces(I // ROWS, H // bk, grid), NP2=np2,
+                 RB2=min(ROWS, 8192 // (np2 * mp)), TRACE=False, X_SAME=False, PACKED=packed, X_TMA=x_tma,
+                 X_STAGES=stages if x_tma else 1, num_warps=warps)
+    sig.update({k: "constexpr" for k in const})
+    src = GluonASTSource(gluon_mlp_kernel, sig, const, {(i,): [["tt.divisibility", 16]] for i in range(7)})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    return kernel.asm["ptx"], kernel.metadata.shared
+
+
 STAMPS = {0: "start", 1: "gate/up done", 2: "barrier 1", 3: "SwiGLU done", 4: "barrier 2", 5: "down done",
           6: "barrier 3", 7: "end", 8: "producer start", 9: "producer gate/up issued", 10: "producer down issued"}
 
