@@ -10,7 +10,8 @@ grid barriers that a Triton loop drains at. This kernel is that launch:
   ``[64, BK]`` boxes a stage: 64 gate rows and the matching 64 up rows, or 128 rows of the down weight);
 * the **consumer warpgroup** multiplies each stage with the tokens' activations as swapped-operand warpgroup
   MMAs (``W_box [64, BK] @ x^T [BK, MP]``: the weight is the 64-row side, the 8-32 tokens are the MMA's N),
-  loading its activation chunk one unit ahead;
+  asynchronous with one unit in flight, its activation tiles loaded two units ahead (or, ``+xtma``, copied by
+  the producer into the gate/up stages);
 * work is **stream-K**: the (output tile, K chunk) units of a matmul are cut into equal contiguous ranges, one
   per program, so every SM streams the same bytes; a program's partial sums of each tile it touched go to a
   workspace slot, and after a grid barrier the tile's pieces are summed in a fixed order (deterministic);
@@ -18,10 +19,14 @@ grid barriers that a Triton loop drains at. This kernel is that launch:
   rounding the shipped path does, SwiGLU, and at the end the residual add.
 
 Three grid barriers (gate/up partials -> SwiGLU -> down partials -> sum + residual); the producer never stops at
-them. ``python bench/gluon_mlp.py`` checks the result against the shipped path and the PyTorch reference, then
-times it beside the shipped two launches and the copy floor, each as a CUDA graph over rotating weight copies.
+them. ``python bench/gluon_mlp.py`` checks the result against the shipped path and the PyTorch reference (and two
+calls bit for bit), then times it beside the shipped two launches and the copy floor, each as a CUDA graph over
+rotating weight copies, and traces the best of each ``--schemes`` variant (``phase_trace``: every program's
+timestamps at the phase boundaries). Weight layouts: ``rowmajor`` (as stored), ``packed`` (box by box in unit
+order), ``interleaved`` (the programs' shares interleaved unit by unit - the one that beat the shipped launches,
+at 8 tokens; bench/RESULTS.md, runs 110-118). Not used by the runtime.
 
-    python bench/gluon_mlp.py [--shapes 7B,1.5B] [--tokens 8,32] [--bk 64,128] [--stages ...]
+    python bench/gluon_mlp.py [--shapes 7B,1.5B] [--tokens 8,32] [--bk 128] [--stages 4] [--schemes interleaved,...]
 """
 import argparse
 import itertools
@@ -124,7 +129,7 @@ def _mma_phase(x_ptr, M, XK: gl.constexpr, ws_ptr, ss_ptr, bufs, xbufs, ready, e
     """One matmul's stream-K share: x [M, XK] (bf16, row-major) against the stages the producer fills; each tile's
     two [BOX, MP] partial sums (and, with WITH_SS, the x rows' partial sums of squares) go to workspace slots
     (program, segment). A unit's MMAs run while the next unit's x tile is stored (two x buffers); its stage is
-    freed once they are done; x tiles are loaded two units ahead."""
+    freed once they are done; x tiles are loaded two units ahead - or, with X_TMA, read from the stage itself."""
     STAGES: gl.constexpr = bufs.type.shape[0] // 2
     KS: gl.constexpr = XK // BK
     per, lo, hi = _units(N_TILES * KS, pid, G)
