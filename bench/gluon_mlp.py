@@ -65,8 +65,22 @@ def _units(n_units, pid, G):
 
 
 @gluon.jit
+def _rotation(lo, hi, pid, KS: gl.constexpr, ROTATE: gl.constexpr):
+    """Where in its share a program starts (it then wraps around): with ROTATE, at the unit whose K chunk is
+    pid mod KS, so that at any moment the programs read different activation tiles rather than the same few.
+    Returns (start offset, share length, share length or 1 - a safe modulus)."""
+    n = hi - lo
+    n1 = gl.maximum(n, 1)
+    r = lo * 0
+    if ROTATE:
+        r = (((pid - lo) % KS + KS) % KS) % n1
+    return r, n, n1
+
+
+@gluon.jit
 def _producer(wgu_desc, wd_desc, x_desc, bufs, xbufs, ready, empty, trace_ptr, rot, P1, P2, H: gl.constexpr,
-              I: gl.constexpr, BK: gl.constexpr, TRACE: gl.constexpr, PACKED: gl.constexpr, X_TMA: gl.constexpr):
+              I: gl.constexpr, BK: gl.constexpr, TRACE: gl.constexpr, PACKED: gl.constexpr, X_TMA: gl.constexpr,
+              ROTATE: gl.constexpr):
     STAGES: gl.constexpr = bufs.type.shape[0] // 2
     X_BYTES: gl.constexpr = xbufs.type.shape[1] * BK * 2
     STAGE_BYTES: gl.constexpr = 2 * BOX * BK * 2
@@ -77,7 +91,9 @@ def _producer(wgu_desc, wd_desc, x_desc, bufs, xbufs, ready, empty, trace_ptr, r
     it = 0
     _stamp(trace_ptr, 8, TRACE)
     _, lo, hi = _units((I // BOX) * KS1, pid, G)
-    for u in range(lo, hi):                      # gate/up: 64 gate rows and their 64 up rows
+    r, n, n1 = _rotation(lo, hi, pid, KS1, ROTATE)
+    for j in range(0, n):                        # gate/up: 64 gate rows and their 64 up rows
+        u = lo + (j + r) % n1
         t = u // KS1
         k = u - t * KS1
         t = (t * P1) % (I // BOX)                # the weight tile this unit's tile stands for (scramble)
@@ -89,7 +105,7 @@ def _producer(wgu_desc, wd_desc, x_desc, bufs, xbufs, ready, empty, trace_ptr, r
         else:
             mbarrier.expect(ready.index(s), STAGE_BYTES)
         if PACKED:                               # the unit's two boxes lie one after the other
-            mu = (u - lo) * G + pid if PACKED == 2 else t * KS1 + k     # 2: the shares interleaved unit by unit
+            mu = j * G + pid if PACKED == 2 else t * KS1 + k     # 2: the shares interleaved in walk order
             TMA_LOAD(wgu_desc, [mu * 2 * BOX, 0], ready.index(s), bufs.index(2 * s))
             TMA_LOAD(wgu_desc, [mu * 2 * BOX + BOX, 0], ready.index(s), bufs.index(2 * s + 1))
         else:
@@ -98,7 +114,9 @@ def _producer(wgu_desc, wd_desc, x_desc, bufs, xbufs, ready, empty, trace_ptr, r
         it += 1
     _stamp(trace_ptr, 9, TRACE)
     _, lo, hi = _units((H // (2 * BOX)) * KS2, pid, G)
-    for u in range(lo, hi):                      # down: 128 output rows
+    r, n, n1 = _rotation(lo, hi, pid, KS2, ROTATE)
+    for j in range(0, n):                        # down: 128 output rows
+        u = lo + (j + r) % n1
         t = u // KS2
         k = u - t * KS2
         t = (t * P2) % (H // (2 * BOX))
@@ -106,7 +124,7 @@ def _producer(wgu_desc, wd_desc, x_desc, bufs, xbufs, ready, empty, trace_ptr, r
         mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
         mbarrier.expect(ready.index(s), STAGE_BYTES)
         if PACKED:
-            mu = (u - lo) * G + pid if PACKED == 2 else t * KS2 + k
+            mu = j * G + pid if PACKED == 2 else t * KS2 + k
             TMA_LOAD(wd_desc, [mu * 2 * BOX, 0], ready.index(s), bufs.index(2 * s))
             TMA_LOAD(wd_desc, [mu * 2 * BOX + BOX, 0], ready.index(s), bufs.index(2 * s + 1))
         else:
@@ -125,7 +143,8 @@ def _load_x(x_ptr, M, XK: gl.constexpr, BK: gl.constexpr, k, rows, cols, valid):
 @gluon.jit
 def _mma_phase(x_ptr, M, XK: gl.constexpr, ws_ptr, ss_ptr, bufs, xbufs, ready, empty, xs, it, pid, G,
                WITH_SS: gl.constexpr, MP: gl.constexpr, BK: gl.constexpr, acc_layout: gl.constexpr,
-               x_layout: gl.constexpr, N_TILES: gl.constexpr, X_SAME: gl.constexpr, X_TMA: gl.constexpr):
+               x_layout: gl.constexpr, N_TILES: gl.constexpr, DIAG: gl.constexpr, X_TMA: gl.constexpr,
+               ROTATE: gl.constexpr):
     """One matmul's stream-K share: x [M, XK] (bf16, row-major) against the stages the producer fills; each tile's
     two [BOX, MP] partial sums (and, with WITH_SS, the x rows' partial sums of squares) go to workspace slots
     (program, segment). A unit's MMAs run while the next unit's x tile is stored (two x buffers); its stage is
@@ -142,48 +161,59 @@ def _mma_phase(x_ptr, M, XK: gl.constexpr, ws_ptr, ss_ptr, bufs, xbufs, ready, e
     acc0 = gl.zeros([BOX, MP], gl.float32, acc_layout)
     acc1 = gl.zeros([BOX, MP], gl.float32, acc_layout)
     ss = gl.zeros([MP, BK], gl.float32, x_layout)
-    KX: gl.constexpr = 1 if X_SAME else KS      # X_SAME (timing only, wrong result): every unit reads chunk 0
-    xv = _load_x(x_ptr, M, XK, BK, lo % KX, rows, cols, (lo < hi) & (not X_TMA))   # (X_TMA: loads nothing)
-    xn = _load_x(x_ptr, M, XK, BK, (lo + 1) % KX, rows, cols, (lo + 1 < hi) & (not X_TMA))
+    # DIAG (timing only, wrong results): 1 every unit reads x's first tile, 2 no sums of squares, 4 no MMAs
+    KX: gl.constexpr = 1 if DIAG & 1 else KS
+    r, n, n1 = _rotation(lo, hi, pid, KS, ROTATE)    # the share is walked from lo + r, wrapping around
+    first_t = (lo + r) // KS
+    flushes = lo * 0
+    xv = _load_x(x_ptr, M, XK, BK, (lo + r % n1) % KX, rows, cols, (n > 0) & (not X_TMA))  # (X_TMA: no loads)
+    xn = _load_x(x_ptr, M, XK, BK, (lo + (1 + r) % n1) % KX, rows, cols, (n > 1) & (not X_TMA))
     pend = -1
-    for u in range(lo, hi):
+    for j in range(0, n):
+        u = lo + (j + r) % n1
         t = u // KS
-        k = u - t * KS
-        xa = _load_x(x_ptr, M, XK, BK, (u + 2) % KX, rows, cols, (u + 2 < hi) & (not X_TMA))  # two units ahead
+        xa = _load_x(x_ptr, M, XK, BK, (lo + (j + 2 + r) % n1) % KX, rows, cols, (j + 2 < n) & (not X_TMA))
         s = it % STAGES
         if X_TMA:
             xb = xbufs.index(s)
         else:
-            xb = xs.index(u % 2)
+            xb = xs.index(j % 2)
             xb.store(xv)
             fence_async_shared()
             CTA_SYNC()
         mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-        acc0 = warpgroup_mma(bufs.index(2 * s), xb.permute((1, 0)), acc0, is_async=True)
-        acc1 = warpgroup_mma(bufs.index(2 * s + 1), xb.permute((1, 0)), acc1, is_async=True)
-        acc0, acc1 = warpgroup_mma_wait(num_outstanding=2, deps=(acc0, acc1))      # the previous unit's
+        if (DIAG & 4) == 0:
+            acc0 = warpgroup_mma(bufs.index(2 * s), xb.permute((1, 0)), acc0, is_async=True)
+            acc1 = warpgroup_mma(bufs.index(2 * s + 1), xb.permute((1, 0)), acc1, is_async=True)
+            acc0, acc1 = warpgroup_mma_wait(num_outstanding=2, deps=(acc0, acc1))      # the previous unit's
         if pend >= 0:
             mbarrier.arrive(empty.index(pend), count=1)
         pend = s
-        if WITH_SS:
+        if WITH_SS and (DIAG & 2) == 0:
             if X_TMA:
                 xf = xb.load(x_layout).to(gl.float32)
                 fence_async_shared()             # this read ordered before the slot's next TMA write
             else:
                 xf = xv.to(gl.float32)
             ss += xf * xf
-        if (k == KS - 1) | (u == hi - 1):        # the tile's piece is done: to its slot
+        if (j == n - 1) | ((lo + (j + 1 + r) % n1) // KS != t):    # the tile's piece is done: to its slot
             acc0, acc1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1))
             mbarrier.arrive(empty.index(s), count=1)
             pend = -1
             slot = (pid * MAX_SEGS + t - t_first) * 2
+            # a rotated walk visits its first tile twice (start and end): the second visit adds to the first
+            again = (t == first_t) & (flushes > 0)
+            acc0 += gl.load(ws_ptr + slot * BOX * MP + a_off, mask=(a_off >= 0) & again, other=0.0)
+            acc1 += gl.load(ws_ptr + (slot + 1) * BOX * MP + a_off, mask=(a_off >= 0) & again, other=0.0)
             gl.store(ws_ptr + slot * BOX * MP + a_off, acc0)
             gl.store(ws_ptr + (slot + 1) * BOX * MP + a_off, acc1)
             acc0 = gl.zeros([BOX, MP], gl.float32, acc_layout)
             acc1 = gl.zeros([BOX, MP], gl.float32, acc_layout)
             if WITH_SS:
-                gl.store(ss_ptr + (pid * MAX_SEGS + t - t_first) * MP + rows, gl.sum(ss, axis=1))
+                ss_at = ss_ptr + (pid * MAX_SEGS + t - t_first) * MP + rows
+                gl.store(ss_at, gl.sum(ss, axis=1) + gl.load(ss_at, mask=(rows >= 0) & again, other=0.0))
                 ss = gl.zeros([MP, BK], gl.float32, x_layout)
+            flushes += 1
         xv = xn
         xn = xa
         it += 1
@@ -223,8 +253,8 @@ def _piece_sum(ws_ptr, p, valid, seg, half, r0, RB: gl.constexpr, MP: gl.constex
 @gluon.jit
 def _consumer(x_ptr, act_ptr, out_ptr, ws1_ptr, ss1_ptr, ws2_ptr, p_count, bufs, xbufs, ready, empty, xs, M, eps,
               trace_ptr, rot, P1, P2, H: gl.constexpr, I: gl.constexpr, MP: gl.constexpr, BK: gl.constexpr, NP1: gl.constexpr,
-              NP2: gl.constexpr, RB2: gl.constexpr, TRACE: gl.constexpr, X_SAME: gl.constexpr,
-              X_TMA: gl.constexpr):
+              NP2: gl.constexpr, RB2: gl.constexpr, TRACE: gl.constexpr, DIAG: gl.constexpr,
+              X_TMA: gl.constexpr, ROTATE: gl.constexpr):
     CW: gl.constexpr = gl.num_warps()            # consumer warps: 4, or 8 (two warpgroups splitting the tokens)
     WG: gl.constexpr = CW // 4
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WG],
@@ -240,7 +270,7 @@ def _consumer(x_ptr, act_ptr, out_ptr, ws1_ptr, ss1_ptr, ws2_ptr, p_count, bufs,
     KS2: gl.constexpr = I // BK
     _stamp(trace_ptr, 0, TRACE)
     it = _mma_phase(x_ptr, M, H, ws1_ptr, ss1_ptr, bufs, xbufs, ready, empty, xs, pid * 0, pid, G, True, MP, BK,
-                    acc_layout, x_layout, I // BOX, X_SAME, X_TMA)
+                    acc_layout, x_layout, I // BOX, DIAG, X_TMA, ROTATE)
     _stamp(trace_ptr, 1, TRACE)
     _grid_barrier(p_count, G)
     _stamp(trace_ptr, 2, TRACE)
@@ -270,7 +300,7 @@ def _consumer(x_ptr, act_ptr, out_ptr, ws1_ptr, ss1_ptr, ws2_ptr, p_count, bufs,
     _stamp(trace_ptr, 4, TRACE)
 
     it = _mma_phase(act_ptr, M, I, ws2_ptr, ss1_ptr, bufs, xbufs, ready, empty, xs, it, pid, G, False, MP, BK,
-                    acc_layout, x_layout, H // (2 * BOX), X_SAME, False)
+                    acc_layout, x_layout, H // (2 * BOX), DIAG, False, ROTATE)
     _stamp(trace_ptr, 5, TRACE)
     _grid_barrier(p_count, 3 * G)
     _stamp(trace_ptr, 6, TRACE)
@@ -302,8 +332,8 @@ def gluon_mlp_kernel(x_ptr, act_ptr, out_ptr, ws1_ptr, ss1_ptr, ws2_ptr, p_count
                      trace_ptr, rot, P1, P2,
                      H: gl.constexpr, I: gl.constexpr, MP: gl.constexpr, BK: gl.constexpr,
                      STAGES: gl.constexpr, NP1: gl.constexpr, NP2: gl.constexpr, RB2: gl.constexpr,
-                     TRACE: gl.constexpr, X_SAME: gl.constexpr, PACKED: gl.constexpr, X_TMA: gl.constexpr,
-                     X_STAGES: gl.constexpr, num_warps: gl.constexpr):
+                     TRACE: gl.constexpr, DIAG: gl.constexpr, PACKED: gl.constexpr, X_TMA: gl.constexpr,
+                     X_STAGES: gl.constexpr, ROTATE: gl.constexpr, num_warps: gl.constexpr):
     bufs = gl.allocate_shared_memory(gl.bfloat16, [2 * STAGES, BOX, BK], wgu_desc.layout)
     xs = gl.allocate_shared_memory(gl.bfloat16, [2, MP, BK], gl.NVMMASharedLayout.get_default_for([MP, BK],
                                                                                                    gl.bfloat16))
@@ -315,9 +345,9 @@ def gluon_mlp_kernel(x_ptr, act_ptr, out_ptr, ws1_ptr, ss1_ptr, ws2_ptr, p_count
         mbarrier.init(empty.index(i), count=1)
     gl.warp_specialize([
         (_consumer, (x_ptr, act_ptr, out_ptr, ws1_ptr, ss1_ptr, ws2_ptr, p_count, bufs, xbufs, ready, empty, xs, M,
-                     eps, trace_ptr, rot, P1, P2, H, I, MP, BK, NP1, NP2, RB2, TRACE, X_SAME, X_TMA)),
+                     eps, trace_ptr, rot, P1, P2, H, I, MP, BK, NP1, NP2, RB2, TRACE, DIAG, X_TMA, ROTATE)),
         (_producer, (wgu_desc, wd_desc, x_desc, bufs, xbufs, ready, empty, trace_ptr, rot, P1, P2, H, I, BK, TRACE,
-                     PACKED, X_TMA)),
+                     PACKED, X_TMA, ROTATE)),
     ], [1], [40])
 
 
@@ -342,23 +372,28 @@ def scramble_step(n: int) -> int:
     return min((p for p in range(1, n) if math.gcd(p, n) == 1), key=lambda p: abs(p - 0.618 * n), default=1)
 
 
-def pack_units(gate_up_w, down_w, bk: int, interleave_grid: int = 0):
+def pack_units(gate_up_w, down_w, bk: int, interleave_grid: int = 0, rotate: bool = False):
     """The weights as [units * 128, bk]: unit (tile, k) of gate/up is its 64 gate rows then its 64 up rows of K
     columns k * bk .. + bk; unit (tile, k) of down its 128 rows; units in the order the kernel numbers them - or,
-    with ``interleave_grid`` G, the j-th unit of program p's share at slot j * G + p, so that at any moment the
-    programs read neighbouring memory (as a grid of programs over tiles does) while each keeps a contiguous share."""
+    with ``interleave_grid`` G, the j-th unit program p walks (from its ``_rotation`` start with ``rotate``) at
+    slot j * G + p, so that at any moment the programs read neighbouring memory (as a grid of programs over tiles
+    does) while each keeps a contiguous share."""
     I2, H = gate_up_w.shape
     I = I2 // 2
     gu = gate_up_w.view(2, I // ROWS, ROWS, H // bk, bk).permute(1, 3, 0, 2, 4).reshape(-1, 2 * ROWS, bk)
     d = down_w.view(H // (2 * ROWS), 2, ROWS, I // bk, bk).permute(0, 3, 1, 2, 4).reshape(-1, 2 * ROWS, bk)
     out = []
-    for w in (gu, d):
+    for w, ks in ((gu, H // bk), (d, I // bk)):
         if interleave_grid:
             n, G = w.shape[0], interleave_grid
             per = -(-n // G)
             u = torch.arange(n, device=w.device)
+            p = u // per
+            lo = p * per
+            length = torch.clamp(n - lo, max=per)
+            r = ((p - lo) % ks) % length if rotate else torch.zeros_like(u)    # as _rotation computes it
             slots = w.new_zeros(per * G, 2 * ROWS, bk)
-            slots[(u % per) * G + u // per] = w
+            slots[((u - lo - r) % length) * G + p] = w
             w = slots
         out.append(w.reshape(-1, bk).contiguous())
     return tuple(out)
@@ -370,12 +405,13 @@ class GluonMLP:
 
     def __init__(self, gate_up_w, down_w, max_tokens: int, grid: int, bk: int = 128, stages: int = 6,
                  eps: float = 1e-6, packed: bool = False, scramble: bool = False, x_tma: bool = False,
-                 warps: int = 4):
+                 warps: int = 4, rotate: bool = False):
         """``packed``: stream copies of the weights laid out box by box in the order the units read them, so each
         program's share is one contiguous range of memory (``pack_units``). ``scramble``: unit tile t reads weight
         tile t * P mod T (P coprime to T, near 0.618 T), so a program's two or three tiles lie far apart in the
         weight. ``x_tma``: the producer also copies each gate/up unit's activation tile into its stage. ``warps``:
-        the consumer's, 4 (one warpgroup) or 8 (two, each taking half the tokens; 16 tokens or more)."""
+        the consumer's, 4 (one warpgroup) or 8 (two, each taking half the tokens; 16 tokens or more). ``rotate``:
+        each program walks its share from the unit whose K chunk is its index mod K/BK (``_rotation``)."""
         I2, H = gate_up_w.shape
         self.H, self.I = H, I2 // 2
         assert down_w.shape == (H, self.I)
@@ -390,6 +426,7 @@ class GluonMLP:
         self.x_tma = x_tma
         assert warps == 4 or (warps == 8 and self.mp >= 16), "8 consumer warps split 16 or more tokens"
         self.warps = warps
+        self.rotate = rotate
         self.x_layout = gl.NVMMASharedLayout.get_default_for([self.mp, bk], gl.bfloat16)
         self.np1 = max_pieces(self.I // ROWS, H // bk, grid)
         self.np2 = max_pieces(H // (2 * ROWS), self.I // bk, grid)
@@ -397,7 +434,7 @@ class GluonMLP:
         assert self.np1 * ROWS * self.mp <= 8192 and self.rb2 >= 8
         self.packed = packed
         if packed:
-            gate_up_w, down_w = pack_units(gate_up_w, down_w, bk, grid if packed == "interleaved" else 0)
+            gate_up_w, down_w = pack_units(gate_up_w, down_w, bk, grid if packed == "interleaved" else 0, rotate)
             self.keep = (gate_up_w, down_w)
         layout = gl.NVMMASharedLayout.get_default_for([ROWS, bk], gl.bfloat16)
         self.wgu_desc = TensorDescriptor.from_tensor(gate_up_w, [ROWS, bk], layout)
@@ -409,23 +446,25 @@ class GluonMLP:
         self.act = torch.empty(max_tokens, self.I, dtype=torch.bfloat16, device=dev)
         self.count = torch.zeros(2, dtype=torch.int32, device=dev)
 
-    def __call__(self, x, out=None, trace=None, x_same=False, rot=0):
+    def __call__(self, x, out=None, trace=None, diag=0, rot=0):
         """``trace``: an int64 [grid, 16] tensor that receives each program's timestamps (``_stamp``).
-        ``x_same``: timing only - every unit multiplies x's first chunk (the result is wrong)."""
+        ``diag``: timing only, the result is wrong - 1: every unit multiplies x's first tile, 2: no sums of squares,
+        4: no MMAs (bits combine)."""
         M = x.shape[0]
         out = torch.empty_like(x) if out is None else out
         x_desc = TensorDescriptor.from_tensor(x, [self.mp, self.bk], self.x_layout)   # rows >= M read as zeros
         gluon_mlp_kernel[(self.grid,)](x, self.act, out, self.ws1, self.ss1, self.ws2, self.count, self.wgu_desc,
                                        self.wd_desc, x_desc, M, self.eps, self.count if trace is None else trace, rot,
                                        self.p1, self.p2, X_TMA=self.x_tma, X_STAGES=self.stages if self.x_tma else 1,
-                                       TRACE=trace is not None, X_SAME=x_same, PACKED={False: 0, True: 1, "interleaved": 2}[self.packed], H=self.H, I=self.I, MP=self.mp, BK=self.bk,
+                                       ROTATE=self.rotate,
+                                       TRACE=trace is not None, DIAG=diag, PACKED={False: 0, True: 1, "interleaved": 2}[self.packed], H=self.H, I=self.I, MP=self.mp, BK=self.bk,
                                        STAGES=self.stages, NP1=self.np1, NP2=self.np2, RB2=self.rb2,
                                        num_warps=self.warps)
         return out
 
 
 def compile_for_sm90(H: int, I: int, tokens: int, bk: int = 128, stages: int = 4, x_tma: bool = False,
-                     packed: int = 0, warps: int = 4, grid: int = 132):
+                     packed: int = 0, warps: int = 4, grid: int = 132, rotate: bool = False):
     """Compile the kernel for Hopper without a GPU (Triton's interpreter has no Gluon): run with TRITON_INTERPRET
     unset. Returns (PTX, bytes of shared memory)."""
     import triton
@@ -444,8 +483,8 @@ def compile_for_sm90(H: int, I: int, tokens: int, bk: int = 128, stages: int = 4
            "ws2_ptr": "*fp32", "p_count": "*i32", **{k: mangle_type(v) for k, v in descs.items()}, "M": "i32",
            "eps": "fp32", "trace_ptr": "*i64", "rot": "i32", "P1": "i32", "P2": "i32"}
     const = dict(H=H, I=I, MP=mp, BK=bk, STAGES=stages, NP1=max_pieces(I // ROWS, H // bk, grid), NP2=np2,
-                 RB2=min(ROWS, 8192 // (np2 * mp)), TRACE=False, X_SAME=False, PACKED=packed, X_TMA=x_tma,
-                 X_STAGES=stages if x_tma else 1, num_warps=warps)
+                 RB2=min(ROWS, 8192 // (np2 * mp)), TRACE=False, DIAG=0, PACKED=packed, X_TMA=x_tma,
+                 X_STAGES=stages if x_tma else 1, ROTATE=rotate, num_warps=warps)
     sig.update({k: "constexpr" for k in const})
     src = GluonASTSource(gluon_mlp_kernel, sig, const, {(i,): [["tt.divisibility", 16]] for i in range(7)})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
@@ -458,11 +497,12 @@ STAMPS = {0: "start", 1: "gate/up done", 2: "barrier 1", 3: "SwiGLU done", 4: "b
 
 def scheme_options(scheme: str) -> dict:
     parts = scheme.split("+")
-    assert parts[0] in ("rowmajor", "packed", "interleaved") and set(parts[1:]) <= {"scramble", "xtma", "w8"}, \
+    assert parts[0] in ("rowmajor", "packed", "interleaved") and set(parts[1:]) <= {"scramble", "xtma", "w8", "rot"}, \
         f"unknown scheme {scheme}"
     assert not (parts[0] == "interleaved" and "scramble" in parts), "interleaved shares are not scrambled"
     return dict(packed={"rowmajor": False, "packed": True, "interleaved": "interleaved"}[parts[0]],
-                scramble="scramble" in parts, x_tma="xtma" in parts, warps=8 if "w8" in parts else 4)
+                scramble="scramble" in parts, x_tma="xtma" in parts, warps=8 if "w8" in parts else 4,
+                rotate="rot" in parts)
 
 
 def phase_trace(ws, x, grid, bk, stages, options):
@@ -513,9 +553,11 @@ def main():
                     "(the weights as stored), packed (box by box in unit order, pack_units) or interleaved (packed, the "
                     "programs' shares interleaved unit by unit), optionally with "
                     "+scramble (tiles read in a scrambled order), +xtma (activation tiles by TMA), +w8 (8 consumer "
-                    "warps; 16 tokens or more)")
+                    "warps; 16 tokens or more), +rot (each share walked from a different K chunk)")
     ap.add_argument("--x-same", type=int, default=0, help="1: also time the best variant with every unit reading "
                     "x's first chunk (a wrong result: what the activation loads cost)")
+    ap.add_argument("--diag", default="", help="comma-separated DIAG masks (2: no sums of squares, 4: no MMAs, ...) "
+                    "to time with the best variant - timing only, wrong results")
     args = ap.parse_args()
     assert DEVICE == "cuda", "needs a GPU"
     command = "python bench/gluon_mlp.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
@@ -569,13 +611,15 @@ def main():
             if mine:
                 bk, stages, _ = min(mine, key=timed.get).split(",")
                 traces[scheme] = phase_trace(ws, x, sms, int(bk), int(stages), scheme_options(scheme))
-        if best and args.x_same:
+        diags = ([1] if args.x_same else []) + [int(d) for d in args.diag.split(",") if d]
+        if best and diags:
             bk, stages, scheme = best.split(",")
-            same = [GluonMLP(gu, d, tokens, sms, bk=int(bk), stages=int(stages), **scheme_options(scheme))
-                    for gu, d in ws]
-            timed["x_same (timing only)"] = rotating_graph_ms(lambda i: same[i](x, x_same=True), copies, reps=3,
-                                                            iters=15) * 1e3
-            same = None
+            probe = [GluonMLP(gu, d, tokens, sms, bk=int(bk), stages=int(stages), **scheme_options(scheme))
+                     for gu, d in ws]
+            for diag in diags:
+                name = "x_same (timing only)" if diag == 1 else f"diag {diag} (timing only)"
+                timed[name] = rotating_graph_ms(lambda i: probe[i](x, diag=diag), copies, reps=3, iters=15) * 1e3
+            probe = None
         record("gluon_mlp", shape=shape, tokens=tokens, mlp_bytes=nbytes, floor_us=floor_us, copy_GBps=bw,
                shipped_us=t_ship, gluon_us=timed, max_rel_err=errs, shipped_max_rel_err=ship_err, trace_us=traces,
                command=command)

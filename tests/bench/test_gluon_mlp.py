@@ -17,12 +17,12 @@ gm = pytest.importorskip("gluon_mlp", reason="Triton without Gluon (needs 3.5 or
 RELEASED = {"7B": (3584, 18944), "1.5B": (1536, 8960)}
 
 
-@pytest.mark.parametrize("interleave", [0, 5])
-def test_pack_units_puts_each_unit_where_the_producer_reads_it(interleave):
+@pytest.mark.parametrize("interleave, rotate", [(0, False), (5, False), (5, True)])
+def test_pack_units_puts_each_unit_where_the_producer_reads_it(interleave, rotate):
     H, I, bk = 256, 384, 128
     gen = torch.Generator().manual_seed(0)
     gate_up, down = torch.randn(2 * I, H, generator=gen), torch.randn(H, I, generator=gen)
-    packed_gu, packed_d = gm.pack_units(gate_up, down, bk, interleave)
+    packed_gu, packed_d = gm.pack_units(gate_up, down, bk, interleave, rotate)
     for packed, ks, boxes in ((packed_gu, H // bk, lambda t, k: (gate_up[t * 64:t * 64 + 64, k * bk:k * bk + bk],
                                                                  gate_up[I + t * 64:I + t * 64 + 64, k * bk:k * bk + bk])),
                               (packed_d, I // bk, lambda t, k: (down[t * 128:t * 128 + 64, k * bk:k * bk + bk],
@@ -32,7 +32,10 @@ def test_pack_units_puts_each_unit_where_the_producer_reads_it(interleave):
         per = -(-units // interleave) if interleave else units
         for u in range(units):
             t, k = divmod(u, ks)
-            slot = (u % per) * interleave + u // per if interleave else u     # the producer's (u - lo) * G + pid
+            p, lo = u // per, (u // per) * per
+            length = min(per, units - lo)
+            r = ((p - lo) % ks) % length if rotate else 0              # _rotation: the walk starts at lo + r
+            slot = ((u - lo - r) % length) * interleave + p if interleave else u    # the producer's j * G + pid
             assert slot < n
             first, second = boxes(t, k)
             assert torch.equal(packed[slot * 128:slot * 128 + 64], first)
