@@ -252,7 +252,8 @@ def _piece_sum(ws_ptr, p, valid, seg, half, r0, RB: gl.constexpr, MP: gl.constex
 
 @gluon.jit
 def _consumer(x_ptr, act_ptr, out_ptr, ws1_ptr, ss1_ptr, ws2_ptr, p_count, bufs, xbufs, ready, empty, xs, M, eps,
-              trace_ptr, rot, P1, P2, H: gl.constexpr, I: gl.constexpr, MP: gl.constexpr, BK: gl.constexpr, NP1: gl.constexpr,
+              trace_ptr, rot, P1, P2, H: gl.constexpr, I: gl.constexpr, MP: gl.constexpr, BK: gl.constexpr,
+              NP1: gl.constexpr,
               NP2: gl.constexpr, RB2: gl.constexpr, TRACE: gl.constexpr, DIAG: gl.constexpr,
               X_TMA: gl.constexpr, ROTATE: gl.constexpr):
     CW: gl.constexpr = gl.num_warps()            # consumer warps: 4, or 8 (two warpgroups splitting the tokens)
@@ -404,10 +405,11 @@ class GluonMLP:
     call can be captured in a CUDA graph."""
 
     def __init__(self, gate_up_w, down_w, max_tokens: int, grid: int, bk: int = 128, stages: int = 6,
-                 eps: float = 1e-6, packed: bool = False, scramble: bool = False, x_tma: bool = False,
+                 eps: float = 1e-6, packed: bool | str = False, scramble: bool = False, x_tma: bool = False,
                  warps: int = 4, rotate: bool = False):
         """``packed``: stream copies of the weights laid out box by box in the order the units read them, so each
-        program's share is one contiguous range of memory (``pack_units``). ``scramble``: unit tile t reads weight
+        program's share is one contiguous range of memory (``pack_units``); ``"interleaved"``: the programs' shares
+        interleaved unit by unit in that copy. ``scramble``: unit tile t reads weight
         tile t * P mod T (P coprime to T, near 0.618 T), so a program's two or three tiles lie far apart in the
         weight. ``x_tma``: the producer also copies each gate/up unit's activation tile into its stage. ``warps``:
         the consumer's, 4 (one warpgroup) or 8 (two, each taking half the tokens; 16 tokens or more). ``rotate``:
@@ -455,11 +457,12 @@ class GluonMLP:
         x_desc = TensorDescriptor.from_tensor(x, [self.mp, self.bk], self.x_layout)   # rows >= M read as zeros
         gluon_mlp_kernel[(self.grid,)](x, self.act, out, self.ws1, self.ss1, self.ws2, self.count, self.wgu_desc,
                                        self.wd_desc, x_desc, M, self.eps, self.count if trace is None else trace, rot,
-                                       self.p1, self.p2, X_TMA=self.x_tma, X_STAGES=self.stages if self.x_tma else 1,
-                                       ROTATE=self.rotate,
-                                       TRACE=trace is not None, DIAG=diag, PACKED={False: 0, True: 1, "interleaved": 2}[self.packed], H=self.H, I=self.I, MP=self.mp, BK=self.bk,
+                                       self.p1, self.p2, H=self.H, I=self.I, MP=self.mp, BK=self.bk,
                                        STAGES=self.stages, NP1=self.np1, NP2=self.np2, RB2=self.rb2,
-                                       num_warps=self.warps)
+                                       TRACE=trace is not None, DIAG=diag,
+                                       PACKED={False: 0, True: 1, "interleaved": 2}[self.packed],
+                                       X_TMA=self.x_tma, X_STAGES=self.stages if self.x_tma else 1,
+                                       ROTATE=self.rotate, num_warps=self.warps)
         return out
 
 
@@ -525,8 +528,8 @@ def phase_trace(ws, x, grid, bk, stages, options):
     share = torch.arange(grid, device=c.device)
     by_share = torch.empty_like(c)
     by_share[(share + grid // 2) % grid] = c
-    out["same, shifted shares: corr. by program / by share"] = (float(torch.corrcoef(torch.stack([b, c]))[0, 1]),
-                                                                 float(torch.corrcoef(torch.stack([b, by_share]))[0, 1]))
+    corr = [float(torch.corrcoef(torch.stack([b, other]))[0, 1]) for other in (c, by_share)]
+    out["same, shifted shares: corr. by program / by share"] = tuple(corr)
     return out
 
 
@@ -550,7 +553,8 @@ def main():
     ap.add_argument("--bk", default="128,64")
     ap.add_argument("--stages", default="4,6")
     ap.add_argument("--schemes", "--layouts", default="rowmajor,packed", help="comma-separated; each rowmajor "
-                    "(the weights as stored), packed (box by box in unit order, pack_units) or interleaved (packed, the "
+                    "(the weights as stored), packed (box by box in unit order, pack_units) or interleaved (packed, "
+                    "the "
                     "programs' shares interleaved unit by unit), optionally with "
                     "+scramble (tiles read in a scrambled order), +xtma (activation tiles by TMA), +w8 (8 consumer "
                     "warps; 16 tokens or more), +rot (each share walked from a different K chunk)")

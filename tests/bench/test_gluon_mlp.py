@@ -23,10 +23,15 @@ def test_pack_units_puts_each_unit_where_the_producer_reads_it(interleave, rotat
     gen = torch.Generator().manual_seed(0)
     gate_up, down = torch.randn(2 * I, H, generator=gen), torch.randn(H, I, generator=gen)
     packed_gu, packed_d = gm.pack_units(gate_up, down, bk, interleave, rotate)
-    for packed, ks, boxes in ((packed_gu, H // bk, lambda t, k: (gate_up[t * 64:t * 64 + 64, k * bk:k * bk + bk],
-                                                                 gate_up[I + t * 64:I + t * 64 + 64, k * bk:k * bk + bk])),
-                              (packed_d, I // bk, lambda t, k: (down[t * 128:t * 128 + 64, k * bk:k * bk + bk],
-                                                                down[t * 128 + 64:t * 128 + 128, k * bk:k * bk + bk]))):
+    def gate_up_boxes(t, k):
+        cols = slice(k * bk, k * bk + bk)
+        return gate_up[t * 64:t * 64 + 64, cols], gate_up[I + t * 64:I + t * 64 + 64, cols]
+
+    def down_boxes(t, k):
+        cols = slice(k * bk, k * bk + bk)
+        return down[t * 128:t * 128 + 64, cols], down[t * 128 + 64:t * 128 + 128, cols]
+
+    for packed, ks, boxes in ((packed_gu, H // bk, gate_up_boxes), (packed_d, I // bk, down_boxes)):
         n = (packed_gu.shape[0] if packed is packed_gu else packed_d.shape[0]) // 128
         units = (2 * I // 128 if packed is packed_gu else H // 128) * ks
         per = -(-units // interleave) if interleave else units
@@ -76,7 +81,8 @@ def test_the_kernel_compiles_for_hopper_with_warpgroup_mma_and_tma():
             "for name, kw in [('7B_32_interleaved_xtma', dict(H=3584, I=18944, tokens=32, x_tma=True, packed=2)),\n"
             "                 ('1.5B_8_rowmajor', dict(H=1536, I=8960, tokens=8))]:\n"
             "    ptx, shared = gm.compile_for_sm90(**kw)\n"
-            "    out[name] = dict(shared=shared, wgmma=[l.split()[0] for l in ptx.splitlines() if 'wgmma.mma_async' in l],\n"
+            "    mma = [line.split()[0] for line in ptx.splitlines() if 'wgmma.mma_async' in line]\n"
+            "    out[name] = dict(shared=shared, wgmma=mma,\n"
             "                     tma=ptx.count('cp.async.bulk.tensor'), waits=ptx.count('wgmma.wait_group'))\n"
             "print(json.dumps(out))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
