@@ -10,7 +10,7 @@ Strategies (``dispatch.linear`` carries them out):
 
 ``tuned.json`` (written by ``bench/linear_sweep.py`` on a GPU, keyed by the GPU's name, then
 ``"<M bucket>,<output columns>,<K>,<swiglu>"``) holds the fastest measured strategy and configuration;
-a GPU without entries of its own uses those of a tuned GPU of the same compute capability. Shapes the table
+a shape without an entry for this GPU uses that of the tuned GPU of its compute capability. Shapes the table
 lacks run ``fused`` with a derived configuration (a token tile covering M, 64 output columns, and enough K
 splits for about two programs per SM: a weight-streaming kernel needs every SM pulling bytes) up to 32
 tokens, and ``cublas`` above: the H100 sweep found the prologue norm losing to separate kernels from 32
@@ -59,18 +59,22 @@ def qkv_rope_key(M: int, N: int, K: int) -> str:
 
 # the GPUs the table was measured on, by compute capability: a GPU of the same generation borrows their entries
 TUNED_ON = {"9.0": "NVIDIA H100 80GB HBM3"}
+# table name -> the tuned GPU whose entries it borrows for shapes it has none of its own (filled by device_name)
+BORROWS_FROM: dict[str, str] = {}
 
 
 @functools.lru_cache(maxsize=None)
 def device_name(device) -> str:
-    """The table key for ``device``: its own name if tuned, else a tuned GPU of its compute capability."""
+    """The table key for ``device``: its own name (``"cpu"`` off the GPU). Shapes without an entry of its own
+    are looked up under the tuned GPU of its compute capability (``TUNED_ON``), so a GPU tuned for some shapes
+    only (an H200 sweep of the 1.5B, say) still runs the others as its generation was tuned."""
     if device.type != "cuda":
         return "cpu"
     name = torch.cuda.get_device_name(device)
-    if name in tuned_table():
-        return name
     cap = "{}.{}".format(*torch.cuda.get_device_capability(device))
-    return TUNED_ON.get(cap, name)
+    if TUNED_ON.get(cap, name) != name:
+        BORROWS_FROM[name] = TUNED_ON[cap]
+    return name
 
 
 @functools.lru_cache(maxsize=1)
@@ -81,11 +85,20 @@ def tuned_table() -> dict:
         return json.load(f)
 
 
+def tuned_entry(gpu: str, key: str) -> dict | None:
+    """``gpu``'s table entry for ``key``, else that of the GPU it borrows from, else None."""
+    table = tuned_table()
+    for name in (gpu, BORROWS_FROM.get(gpu)):
+        if name is not None and key in table.get(name, {}):
+            return table[name][key]
+    return None
+
+
 STRATEGIES = ("fused", "norm_then_fused", "cublas")
 
 
 def _tuned(M: int, N: int, K: int, swiglu: bool, gpu: str) -> dict | None:
-    return tuned_table().get(gpu, {}).get(shape_key(M, N, K, swiglu))
+    return tuned_entry(gpu, shape_key(M, N, K, swiglu))
 
 
 def pick_strategy(M: int, N: int, K: int, swiglu: bool = False, gpu: str = "cpu") -> str:
@@ -125,7 +138,7 @@ def pick_qkv_rope(M: int, N: int, K: int, num_sms: int = 132, gpu: str = "cpu",
     by the tile) and K splits for about two programs per SM."""
     if M > FUSED_MAX_TOKENS:
         return "separate", None
-    tuned = tuned_table().get(gpu, {}).get(qkv_rope_key(M, N, K))
+    tuned = tuned_entry(gpu, qkv_rope_key(M, N, K))
     if tuned is not None:
         return tuned["strategy"], tuned.get("config") and LinearConfig(**tuned["config"])
     if M > 32:

@@ -125,6 +125,30 @@ def test_tuned_table_sets_strategy_and_config(monkeypatch, tmp_path):
         configs.tuned_table.cache_clear()
 
 
+def test_gpu_tuned_for_some_shapes_borrows_the_rest(monkeypatch, tmp_path):
+    """A GPU with entries of its own for some shapes (an H200 sweep of one model) takes the entries of the tuned
+    GPU of its generation for the others - not the derived configuration an untuned shape would get."""
+    own = LinearConfig(block_m=16, block_n=128, block_k=128, split_k=2, num_warps=4, num_stages=4)
+    borrowed = LinearConfig(block_m=16, block_n=64, block_k=256, split_k=6, num_warps=4, num_stages=3)
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps({
+        "New GPU": {"16,4608,3584,0": {"strategy": "fused", "config": own.to_json()}},
+        "Old GPU": {"16,4608,3584,0": {"strategy": "cublas", "config": None},
+                    "16,3584,3584,0": {"strategy": "fused", "config": borrowed.to_json()},
+                    "16,4608,3584,rope": {"strategy": "separate", "config": None}}}))
+    monkeypatch.setattr(configs, "TUNED_PATH", str(path))
+    monkeypatch.setitem(configs.BORROWS_FROM, "New GPU", "Old GPU")
+    configs.tuned_table.cache_clear()
+    try:
+        assert (pick_strategy(8, 4608, 3584, False, "New GPU"), pick_config(8, 4608, 3584, False, 132, "New GPU")) \
+            == ("fused", own)                                                          # its own entry wins
+        assert pick_config(8, 3584, 3584, False, 132, "New GPU") == borrowed           # borrowed shape
+        assert configs.pick_qkv_rope(8, 4608, 3584, 132, "New GPU") == ("separate", None)
+        assert pick_config(8, 3584, 3584, False, 132, "Other GPU") != borrowed         # no borrowing: derived
+    finally:
+        configs.tuned_table.cache_clear()
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("fusion", ["norm_bias", "residual", "norm_swiglu", "rms_swiglu", "norm_fp32_out"])
 def test_every_strategy_computes_the_same_linear(strategy, fusion):
