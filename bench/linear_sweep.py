@@ -18,6 +18,7 @@ against the separate path the runtime otherwise runs (``linear`` - the table's Q
 kernel), and tables the faster under the shape's ``rope`` key.
 
     python bench/linear_sweep.py [--shapes 7B,1.5B] [--tokens 8,32] [--projections qkv,gate_up,qkv_rope] [--no-write]
+                                 [--no-swap-ab]     # swapped-operand tilings are timed by default on Hopper
     python bench/linear_sweep.py --around-table --no-write   # the table's tilings at every depth and warp count
 """
 import argparse
@@ -168,11 +169,15 @@ def main():
     ap.add_argument("--tokens", default="8,32")
     ap.add_argument("--projections", default="qkv,o,gate_up,down,head,qkv_rope")
     ap.add_argument("--no-write", action="store_true", help="do not update kernels/linear/tuned.json")
-    ap.add_argument("--swap-ab", action="store_true", help="time swapped-operand tilings too (see candidates)")
+    ap.add_argument("--swap-ab", action=argparse.BooleanOptionalAction, default=None,
+                    help="time swapped-operand tilings too (see candidates); default: on Hopper and newer, whose "
+                         "table entries use them (a sweep without them made the H200's 1.5B step slower, run 124)")
     ap.add_argument("--around-table", action="store_true",
                     help="time only the table's strategy and tiling, at every pipeline depth and warp count "
                          "(depth_variants); every variant's time goes to the record")
     args = ap.parse_args()
+    if args.swap_ab is None:
+        args.swap_ab = DEVICE == "cuda" and torch.cuda.get_device_capability() >= (9, 0)
     command = "python bench/linear_sweep.py --shapes {} --tokens {} --projections {}{}{}".format(
         args.shapes, args.tokens, args.projections, " --swap-ab" if args.swap_ab else "",
         " --around-table" if args.around_table else "")
