@@ -20,6 +20,7 @@ import triton.language as tl
 
 from common import DEVICE, SHAPES, copies_beyond_l2, copy_bandwidth_gbs, record, rotating_graph_ms
 
+
 @triton.jit
 def read_sum_kernel(p, n, p_sink, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     """Read ``n`` elements; the sum is stored only if it equals an impossible value, so the loads stay live."""

@@ -29,6 +29,7 @@ def test_pack_units_puts_each_unit_where_the_producer_reads_it(interleave, rotat
     gen = torch.Generator().manual_seed(0)
     gate_up, down = torch.randn(2 * I, H, generator=gen), torch.randn(H, I, generator=gen)
     packed_gu, packed_d = gm.pack_units(gate_up, down, bk, interleave, rotate)
+
     def gate_up_boxes(t, k):
         cols = slice(k * bk, k * bk + bk)
         return gate_up[t * 64:t * 64 + 64, cols], gate_up[I + t * 64:I + t * 64 + 64, cols]
