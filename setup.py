@@ -1,8 +1,8 @@
 """fastdllm: inference runtime and experiment framework for Fast-dLLM v2 block-diffusion models.
 
-The repository folder ``kernels/`` is installed under the import name ``fastdllm_kernels``: Hugging Face
-publishes a distribution called ``kernels`` that transformers imports whenever it finds one, so a top-level
-``kernels`` package of ours would be mistaken for it (tests/test_packaging.py proves it is not).
+The repository folder ``kernels/`` is installed under the import name ``fastdllm_kernels``. It has no
+``__init__.py``: Hugging Face publishes a distribution called ``kernels`` that transformers imports, and a regular
+package of that name in the current directory would be found first (kernels/README.md).
 """
 from setuptools import setup
 
