@@ -2,7 +2,7 @@
 
 ``decode_attention`` serves the three decode kinds. For a block-aligned 32-token window (full-block, commit)
 and for an 8-token sub-block window, every query sees every key: the row's prefix cache ``[0, L)`` followed,
-when ``has_tail``, by the 32 keys of its block cache (spec §2.3-2.4; the window's fresh K/V are written to
+when ``has_tail``, by the 32 keys of its block cache (the window's fresh K/V are written to
 the caches before the call). Split and tile counts are runtime arguments, so batches of any size share one
 compiled kernel per head layout. The G query heads that share a KV head and the window's queries are packed into
 one tile of ``G * n`` rows, so each K/V tile is loaded once for all of them, and the key range is split
@@ -18,8 +18,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-
-from fastdllm_kernels.launch import pdl_mode, wait_for_producer
 
 
 @triton.jit
@@ -60,13 +58,12 @@ def decode_attention_fwd_kernel(
         stride_ps, stride_ph, stride_pn, stride_bs, stride_bh, stride_bn,
         scale, M_TILES, SPLITS,
         HKV: tl.constexpr, G: tl.constexpr, NQ: tl.constexpr, D: tl.constexpr, TAIL: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     pid_rh = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
     r = (pid_rh // HKV).to(tl.int64)
     h = (pid_rh % HKV).to(tl.int64)
-    wait_for_producer(PDL)
     slot = tl.load(p_slot + r).to(tl.int64)
     L = tl.load(p_plen + r).to(tl.int64)
     K = L + tl.load(p_tail + r).to(tl.int64) * TAIL
@@ -115,10 +112,9 @@ def decode_attention_fwd_kernel(
 def decode_attention_combine_kernel(
         p_o, p_part_o, p_part_lse, p_qstart, stride_ot, stride_oh, M_TILES, SPLITS,
         HKV: tl.constexpr, G: tl.constexpr, NQ: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-        ROWS: tl.constexpr, SPLITS_P2: tl.constexpr, PDL: tl.constexpr):
+        ROWS: tl.constexpr, SPLITS_P2: tl.constexpr):
     """Merge the splits' partial softmaxes for ROWS packed rows; all splits are loaded at once (one memory
     latency, not one per split)."""
-    wait_for_producer(PDL)
     pid_rh = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_r = tl.program_id(2)
@@ -168,8 +164,8 @@ def decode_plan(rows: int, kv_heads: int, group: int, n_q: int, max_keys: int, n
     splits than keep the partial outputs (``splits * m_tiles * block_m`` rows of D per KV head) within the
     K/V bytes they summarise: with 32 queries (224 packed rows for the 7B) the partials would otherwise
     outweigh the keys. At batch 1 the op is latency-bound - a few MB of K/V over 4 KV heads - so many short
-    splits win: on an H100 (bench/attention_sweep.py, run 16) key tiles of 32-64 and 16-64 splits were
-    fastest at prefixes 2k-8k, 16 splits for the 7B's 32 queries at 2k. Depends only on sizes, never on
+    splits win: on an H100, key tiles of 32-64 and 16-64 splits were fastest at prefixes 2k-8k
+    (bench/probes/README.md), 16 splits for the 7B's 32 queries at 2k. Depends only on sizes, never on
     the current lengths."""
     block_m = min(block_m, max(16, triton.next_power_of_2(group * n_q)))
     m_tiles = triton.cdiv(group * n_q, block_m)
@@ -194,7 +190,6 @@ def decode_attention(q, prefix_k, prefix_v, block_k, block_v, slots, prefix_lens
     if R == 0:
         return out
     plan = plan or decode_plan(R, HKV, G, n_q, prefix_k.shape[2] + TAIL, num_sms)
-    pdl = pdl_mode(q.device)
     block_m, m_tiles, splits, block_n = plan.block_m, plan.m_tiles, plan.splits, plan.block_n
     if splits > 1:
         part_o = torch.empty(R * HKV * m_tiles * splits * block_m * D, dtype=q.dtype, device=q.device)
@@ -207,15 +202,14 @@ def decode_attention(q, prefix_k, prefix_v, block_k, block_v, slots, prefix_lens
         prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
         block_k.stride(0), block_k.stride(1), block_k.stride(2),
         scale, m_tiles, splits, HKV=HKV, G=G, NQ=n_q, D=D, TAIL=TAIL,
-        BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=_dot_precision(q), PDL=pdl,
-        num_warps=plan.num_warps, num_stages=plan.num_stages, launch_pdl=pdl > 0)
+        BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=_dot_precision(q),
+        num_warps=plan.num_warps, num_stages=plan.num_stages)
     if splits > 1:
         splits_p2 = triton.next_power_of_2(splits)
         rows = plan.merge_rows or max(1, min(block_m, 8192 // (splits_p2 * D)))
         decode_attention_combine_kernel[(R * HKV, m_tiles, block_m // rows)](
             out, part_o, part_lse, q_starts, out.stride(0), out.stride(1), m_tiles, splits, HKV=HKV, G=G, NQ=n_q, D=D,
-            BLOCK_M=block_m, ROWS=rows, SPLITS_P2=splits_p2, PDL=pdl, num_warps=plan.merge_warps,
-            launch_pdl=pdl > 0)
+            BLOCK_M=block_m, ROWS=rows, SPLITS_P2=splits_p2, num_warps=plan.merge_warps)
     return out
 
 

@@ -8,13 +8,13 @@ Strategies (``dispatch.linear`` carries them out):
 * ``cublas`` - the RMSNorm kernel, cuBLAS, and the epilogue as separate kernels; with ``row_rms`` (the gain
   folded into the weight) and SwiGLU, the row's 1/rms is applied by the SwiGLU kernel instead of a norm kernel.
 
-``tuned.json`` (written by ``bench/linear_sweep.py`` on a GPU, keyed by the GPU's name, then
+``tuned.json`` (written by ``python -m fastdllm_kernels.linear.sweep`` on a GPU, keyed by the GPU's name, then
 ``"<M bucket>,<output columns>,<K>,<swiglu>"``) holds the fastest measured strategy and configuration;
 a shape without an entry for this GPU uses that of the tuned GPU of its compute capability. Shapes the table
 lacks run ``fused`` with a derived configuration (a token tile covering M, 64 output columns, and enough K
 splits for about two programs per SM: a weight-streaming kernel needs every SM pulling bytes) up to 32
 tokens, and ``cublas`` above: the H100 sweep found the prologue norm losing to separate kernels from 32
-tokens on (bench/RESULTS.md). Above ``FUSED_MAX_TOKENS`` (prefill, scoring) a forward is compute-bound and
+tokens on. Above ``FUSED_MAX_TOKENS`` (prefill, scoring) a forward is compute-bound and
 always takes ``cublas``."""
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def pick_qkv_rope(M: int, N: int, K: int, num_sms: int = 132, gpu: str = "cpu",
                   head_dim: int = 128) -> tuple[str, LinearConfig | None]:
     """How a decode step's QKV projection and RoPE run: ``fused`` (``qkv_rope_write``, with a configuration) or
     ``separate`` (``linear`` - cuBLAS on the H100 - then the RoPE kernel), as measured fastest for the shape
-    (``bench/linear_sweep.py --projections qkv_rope``); untuned shapes fuse up to 32 tokens with a derived
+    (``python -m fastdllm_kernels.linear.sweep --projections qkv_rope``); untuned shapes fuse up to 32 tokens with a derived
     configuration: 32 column pairs a program (fewer for heads narrower than 64: a head's half-width must divide
     by the tile) and K splits for about two programs per SM."""
     if M > FUSED_MAX_TOKENS:

@@ -17,7 +17,7 @@ def linear(x, weight, *, norm_weight=None, row_rms: bool = False, eps: float = 1
     """``row_rms``: RMS-normalise the rows of x with no gain (the gain folded into ``weight``). Under
     ``cublas`` with SwiGLU at decode sizes the normalisation is a row scale inside the SwiGLU kernel, not a
     kernel of its own; above ``FUSED_MAX_TOKENS`` (prefill, scoring) the norm kernel runs first, since every
-    SwiGLU program would re-read its row (device run 6 of session 7: 1.5B scoring 7 % slower that way)."""
+    SwiGLU program would re-read its row (1.5B scoring measured 7 % slower that way on an H100)."""
     N = weight.shape[0] // (2 if swiglu else 1)
     strategy = strategy or pick_strategy(x.shape[0], N, x.shape[1], swiglu, device_name(x.device))
     if strategy == "fused":

@@ -14,9 +14,9 @@ it is another launch. This kernel fuses what surrounds the matmul:
 Swapped operands (``LinearConfig.swap_ab``): the tile is computed as ``W_tile @ x.T`` and transposed back before
 the split reduction and epilogue. With 8-32 tokens as the MMA's left operand Triton emits Hopper's mma.sync
 (rows padded to 16); with a weight tile of 64+ rows on the left it emits the asynchronous warpgroup MMA, which
-reads the weight straight from shared memory. Measured (bench/linear_sweep.py --swap-ab, device run 85): O and
-down 0.3-1.9 us faster per call, gate/up not (bench/RESULTS.md); the table picks per shape. Not with the row
-norm in the prologue (the rows' sums of squares came out wrong on the H100, run 88 - fused_linear refuses it).
+reads the weight straight from shared memory. Measured on an H100 (``python -m fastdllm_kernels.linear.sweep``): O and
+down 0.3-1.9 us faster per call, gate/up not; the table picks per shape. Not with the row norm in the
+prologue (the rows' sums of squares came out wrong on the H100 - fused_linear refuses it).
 
 Split-K: when the output has too few column tiles to occupy every SM, the K range is split across programs.
 Each split stores its partial tile (and partial sums of squares) to a workspace and bumps a per-tile counter;
@@ -29,8 +29,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from fastdllm_kernels.launch import pdl_mode, wait_for_producer
 
 from .configs import LinearConfig, device_name, pick_config
 
@@ -78,7 +76,7 @@ def _partial_tile(p_x, p_w, p_gamma, rm, rn, m_ok, n_ok, k_lo, K, PAIR_OFFSET, s
         if NORM:
             # the rows' sums of squares are the diagonal of x @ x.T, on the tensor cores from the tile the dot
             # reads anyway (summing x * x in registers made the 7B gate/up at 32 tokens 119.7 us against
-            # 104.7 for a norm kernel + this kernel - device run 49; with the Gram tile 103.0, run 57)
+            # 104.7 for a norm kernel + this kernel on an H100; with the Gram tile 103.0)
             gram = tl.dot(x, tl.trans(x), gram, input_precision=DOT_PREC)
         if GAMMA:
             if EVEN_K:
@@ -147,7 +145,7 @@ def fused_linear_kernel(
         K_PER_SPLIT, SPLIT_K, NORM: tl.constexpr, GAMMA: tl.constexpr, BIAS: tl.constexpr,
         SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
-        PDL: tl.constexpr, SWAP_AB: tl.constexpr):
+        SWAP_AB: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -155,7 +153,6 @@ def fused_linear_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
-    wait_for_producer(PDL)
     acc, acc_u, ss = _partial_tile(p_x, p_w, p_gamma, rm, rn, m_ok, n_ok, pid_k * K_PER_SPLIT, K, N,
                                    stride_xm, stride_wn, K_PER_SPLIT, NORM, GAMMA, SWIGLU, EVEN_K,
                                    BLOCK_M, BLOCK_N, BLOCK_K, DOT_PREC, SWAP_AB)
@@ -242,10 +239,9 @@ def fused_linear(x, weight, *, norm_weight=None, row_rms: bool = False, eps: flo
     if cfg.swap_ab and (norm_weight is not None or row_rms):
         raise ValueError(f"{cfg}: swap_ab with the row norm in the prologue - on an H100 (Triton 3.6) the rows' "
                          "sums of squares came out wrong when the Gram tile and the swapped dot read the same x "
-                         "tile (device run 88); normalise first (strategy norm_then_fused) or leave swap_ab off")
+                         "tile; normalise first (strategy norm_then_fused) or leave swap_ab off")
     m_tiles, n_tiles = triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n)
     k_per_split, split_k, even_k = k_split(K, cfg)
-    pdl = pdl_mode(x.device)
     dummy = out
     count = _counters(x.device)           # typed pointers even when unused: the split branch compiles anyway
     ws, ss = split_workspace(m_tiles * n_tiles, split_k, cfg, swiglu, x.device)
@@ -259,6 +255,6 @@ def fused_linear(x, weight, *, norm_weight=None, row_rms: bool = False, eps: flo
         GAMMA=norm_weight is not None,
         BIAS=bias is not None, SWIGLU=swiglu, RESIDUAL=residual is not None, EVEN_K=even_k,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl, SWAP_AB=cfg.swap_ab,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl > 0)
+        DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", SWAP_AB=cfg.swap_ab,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out

@@ -16,7 +16,7 @@ boundary are worth folding into the projection:
 Same contract as ``reference.qkv_rope_write_ref``: returns the finished ``[T, (Hq + 2 Hkv) D]`` q|k|v rows and
 writes k/v to the prefix cache (``dest`` 1) or the block cache (``dest`` 2; 0 writes nothing).
 
-Measured on an H100 (device runs 76-78, bench/RESULTS.md): 0.3-0.8 us faster a layer than cuBLAS + the RoPE
+Measured on an H100 (``python -m fastdllm_kernels.linear.sweep --projections qkv_rope``): 0.3-0.8 us faster a layer than cuBLAS + the RoPE
 kernel at 8 tokens, a tie at 32 - the kernel is ~2-3 us slower than cuBLAS's bare matmul, which eats most of
 what the RoPE kernel cost - so ``tuned.json`` fuses the 8-token shapes only.
 """
@@ -25,8 +25,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from fastdllm_kernels.launch import pdl_mode, wait_for_producer
 
 from .configs import LinearConfig, derived_qkv_rope_config, device_name, pick_qkv_rope
 from .kernel import _counters, _partial_tile, _reduce_splits, k_split, split_workspace
@@ -59,9 +57,8 @@ def _qkv_rope_epilogue(lo, hi, ss, rm, m_ok, head, d_lo, K, eps, p_b, p_out, str
                        HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                        BIAS: tl.constexpr):
     # The operands are loaded here, in the program that finishes the tile, not before the K loop: held through
-    # the loop, the RoPE rows cost registers, and at 32 tokens the fused kernel then lost to the separate path
-    # timed in the same run (device run 77: 1.5B 9.5 against 8.9 us, 7B 20.4 against 18.6), where loaded here
-    # it ties (run 76: 8.9 / 8.9, 18.7 / 18.8).
+    # the loop, the RoPE rows cost registers, and at 32 tokens the fused kernel lost to the separate path on an
+    # H100 (1.5B 9.5 against 8.9 us, 7B 20.4 against 18.6); loaded here it ties (8.9 / 8.9, 18.7 / 18.8).
     HALF: tl.constexpr = D // 2
     pos = tl.load(p_pos + rm, mask=m_ok, other=0).to(tl.int64)
     dest = tl.load(p_dest + rm, mask=m_ok, other=0)
@@ -101,7 +98,7 @@ def qkv_rope_kernel(p_x, p_w, p_b, p_out, p_ws, p_ss, p_count,
                     stride_ps, stride_ph, stride_pn, stride_bs, stride_bh, stride_bn,
                     K_PER_SPLIT, SPLIT_K, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                     BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr):
+                    BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr):
     pid_n = tl.program_id(0)                            # (head, chunk of BLOCK_N column pairs)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -112,7 +109,6 @@ def qkv_rope_kernel(p_x, p_w, p_b, p_out, p_ws, p_ss, p_count,
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = rm < M
     n_ok = rn < (HQ + 2 * HKV) * D
-    wait_for_producer(PDL)
     lo, hi, ss = _partial_tile(p_x, p_w, p_w, rm, rn, m_ok, n_ok, pid_k * K_PER_SPLIT, K, D // 2,
                                stride_xm, stride_wn, K_PER_SPLIT, True, False, True, EVEN_K,
                                BLOCK_M, BLOCK_N, BLOCK_K, DOT_PREC)
@@ -157,7 +153,6 @@ def qkv_rope_write(x, weight, bias, eps, n_heads: int, n_kv_heads: int, cos_tabl
     m_tiles, n_tiles = triton.cdiv(T, cfg.block_m), N // (2 * cfg.block_n)
     k_per_split, split_k, even_k = k_split(K, cfg)
     ws, ss = split_workspace(m_tiles * n_tiles, split_k, cfg, True, x.device)
-    pdl = pdl_mode(x.device)
     qkv_rope_kernel[(n_tiles, split_k, m_tiles)](
         x, weight, bias if bias is not None else out, out, ws, ss, _counters(x.device),
         cos_table, sin_table, positions, dest, slots, prefix_k, prefix_v, block_k, block_v,
@@ -166,6 +161,6 @@ def qkv_rope_write(x, weight, bias, eps, n_heads: int, n_kv_heads: int, cos_tabl
         block_k.stride(0), block_k.stride(1), block_k.stride(2),
         K_PER_SPLIT=k_per_split, SPLIT_K=split_k, HQ=n_heads, HKV=n_kv_heads, D=D, BS=block_k.shape[2],
         BIAS=bias is not None, EVEN_K=even_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl > 0)
+        DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out

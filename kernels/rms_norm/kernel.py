@@ -7,13 +7,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdllm_kernels.launch import pdl_mode, wait_for_producer
-
 
 @triton.jit
 def rms_norm_fwd_kernel(p_x, p_res, p_w, p_out, p_res_out, stride_x, stride_res, stride_out, stride_res_out, N,
-                        eps, HAS_RES: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    wait_for_producer(PDL)
+                        eps, HAS_RES: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     m = offs < N
@@ -50,11 +47,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     _check(x, weight)
     out = torch.empty_like(x)
     if x.shape[0]:
-        pdl = pdl_mode(x.device)
         rms_norm_fwd_kernel[(x.shape[0],)](x, x, x if weight is None else weight, out, out, x.stride(0), 0,
                                            out.stride(0), 0, x.shape[1], eps, HAS_RES=False,
-                                           HAS_W=weight is not None, BLOCK=triton.next_power_of_2(x.shape[1]), PDL=pdl,
-                                           num_warps=8 if x.shape[1] >= 2048 else 4, launch_pdl=pdl > 0)
+                                           HAS_W=weight is not None, BLOCK=triton.next_power_of_2(x.shape[1]),
+                                           num_warps=8 if x.shape[1] >= 2048 else 4)
     return out
 
 
@@ -65,9 +61,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     out = torch.empty_like(x)
     res_out = torch.empty_like(x)
     if x.shape[0]:
-        pdl = pdl_mode(x.device)
         rms_norm_fwd_kernel[(x.shape[0],)](x, residual, weight, out, res_out, x.stride(0), residual.stride(0),
                                            out.stride(0), res_out.stride(0), x.shape[1], eps, HAS_RES=True, HAS_W=True,
-                                           BLOCK=triton.next_power_of_2(x.shape[1]), PDL=pdl,
-                                           num_warps=8 if x.shape[1] >= 2048 else 4, launch_pdl=pdl > 0)
+                                           BLOCK=triton.next_power_of_2(x.shape[1]),
+                                           num_warps=8 if x.shape[1] >= 2048 else 4)
     return out, res_out

@@ -12,7 +12,6 @@ it and no bias epilogue (reference: ``reference.finish_projection_ref``)."""
 import triton
 import triton.language as tl
 
-from fastdllm_kernels.launch import pdl_mode, wait_for_producer
 from fastdllm_kernels.rms_norm.kernel import row_rstd
 
 
@@ -44,8 +43,7 @@ def rope_write_fwd_kernel(p_q, p_k, p_v, p_cos, p_sin, p_pos, p_dest, p_slot,
                           stride_ps, stride_ph, stride_pn, stride_bs, stride_bh, stride_bn, stride_x, HIDDEN, eps,
                           HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                           BLOCK_H: tl.constexpr, NORM: tl.constexpr, BIAS: tl.constexpr, FINISH: tl.constexpr,
-                          BLOCK_X: tl.constexpr, PDL: tl.constexpr):
-    wait_for_producer(PDL)
+                          BLOCK_X: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(p_pos + t).to(tl.int64)
     half = D // 2
@@ -116,7 +114,6 @@ def rope_write(q, k, v, cos_table, sin_table, positions, dest, slots, prefix_k, 
         assert bias.shape == ((HQ + 2 * HKV) * D,) and bias.dtype == q.dtype, (tuple(bias.shape), bias.dtype)
     if T == 0:
         return q, k
-    pdl = pdl_mode(q.device)
     x = q if norm_input is None else norm_input
     hidden = x.shape[-1] if norm_input is not None else 1
     rope_write_fwd_kernel[(T,)](
@@ -127,5 +124,5 @@ def rope_write(q, k, v, cos_table, sin_table, positions, dest, slots, prefix_k, 
         block_k.stride(0), block_k.stride(1), block_k.stride(2), x.stride(0), hidden, eps,
         HQ=HQ, HKV=HKV, D=D, BS=block_k.shape[2], BLOCK_H=triton.next_power_of_2(max(HQ, HKV)),
         NORM=norm_input is not None, BIAS=bias is not None, FINISH=norm_input is not None or bias is not None,
-        BLOCK_X=triton.next_power_of_2(hidden), PDL=pdl, num_warps=4, launch_pdl=pdl > 0)
+        BLOCK_X=triton.next_power_of_2(hidden), num_warps=4)
     return q, k

@@ -2,8 +2,8 @@
 
 A decode step has few logits rows (8 per sequence) of ~152k columns. One program per row - PyTorch's softmax
 and reductions at this shape, and this module's first version - streams 600 KB through a single SM one load
-latency at a time: 170-320 us between the end of a step's forward and its choice on the host (device runs 67-70,
-bench/sampler_host.py), 3-5 % of a 7B batch-1 step with the GPU idle. Here each row is split into chunks of
+latency at a time: 170-320 us between the end of a step's forward and its choice on the host on an H100, 3-5 % of a
+7B batch-1 step with the GPU idle. Here each row is split into chunks of
 ``CHUNK`` columns, one program each loading its chunk at once, and a second kernel merges a row's chunks
 (online-softmax style: each chunk's sum of exp(x - its max) rescaled to the row's max).
 

@@ -11,7 +11,7 @@ def logit_stats_ref(logits: torch.Tensor):
 
 
 def choice_stats_ref(logits: torch.Tensor) -> torch.Tensor:
-    """The original sampler's greedy confidence (spec §3.2: softmax, then max) packed as ``kernel.choice_stats``
+    """The original sampler's greedy confidence (softmax, then max) packed as ``kernel.choice_stats``
     returns it: float64 [3, N] of the largest probability, its index (first on ties), and 1.0 where the
     probability is finite."""
     conf, idx = torch.softmax(logits.float(), dim=-1).max(dim=-1)

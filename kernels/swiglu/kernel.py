@@ -7,14 +7,12 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdllm_kernels.launch import pdl_mode, wait_for_producer
 from fastdllm_kernels.rms_norm.kernel import row_rstd
 
 
 @triton.jit
 def swiglu_fwd_kernel(p_gu, p_out, p_x, stride_gu, stride_out, stride_x, F, D, eps, ROW_SCALE: tl.constexpr,
-                      BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
-    wait_for_producer(PDL)
+                      BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = col < F
@@ -39,10 +37,9 @@ def swiglu(gate_up: torch.Tensor, rms_of: torch.Tensor | None = None, eps: float
     out = torch.empty(T, F, dtype=gate_up.dtype, device=gate_up.device)
     BLOCK = 1024
     if T:
-        pdl = pdl_mode(gate_up.device)
         x = gate_up if rms_of is None else rms_of
         swiglu_fwd_kernel[(T, triton.cdiv(F, BLOCK))](
             gate_up, out, x, gate_up.stride(0), out.stride(0), x.stride(0), F, x.shape[1], eps,
             ROW_SCALE=rms_of is not None, BLOCK=BLOCK, BLOCK_D=triton.next_power_of_2(x.shape[1]),
-            PDL=pdl, num_warps=4, launch_pdl=pdl > 0)
+            num_warps=4)
     return out
