@@ -3,7 +3,7 @@ prefix cache plus the 32-key block cache; GQA 7:1 (7B) and 6:1 (1.5B); head_dim 
 
 Times are GPU time (about 20 calls captured in one CUDA graph, replayed, each call on its own copy of the
 inputs - together more than 3 x the L2, so the KV is read from HBM as in a step; ``--rotate 0`` reuses one
-copy, the measurement before session 12; the launch overhead of an eager call is recorded beside it).
+copy, so the KV stays in the L2; the launch overhead of an eager call is recorded beside it).
 Providers: ``ours`` (fastdllm_kernels decode_attention), ``sdpa_mask`` (torch SDPA with a boolean mask, the
 original's call), ``flex`` (torch flex attention, compiled, same visibility). Roofline: KV bytes read once
 over the measured copy bandwidth. Correctness of each provider against the fp32 reference is checked first.
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from common import (ATTENTION_HEADS, DEVICE, copies_beyond_l2, copy_bandwidth_gbs, cuda_time,
-                    decode_attention_inputs, record, rotating_graph_ms, with_pdl)
+                    decode_attention_inputs, record, rotating_graph_ms)
 
 from fastdllm_kernels.attention.kernel import decode_attention
 from fastdllm_kernels.attention.reference import decode_attention_ref
@@ -27,8 +27,8 @@ def main():
     ap.add_argument("--prefixes", default="2048,8192")
     ap.add_argument("--flex", type=int, default=1)
     ap.add_argument("--rotate", type=int, default=1,
-                    help="1: each call reads its own input copy (KV cold in L2, as in a step); 0: one copy, as "
-                         "before session 12 (the KV stays in the L2 across the timed calls)")
+                    help="1: each call reads its own input copy (KV cold in L2, as in a step); 0: one copy "
+                         "(the KV stays in the L2 across the timed calls)")
     args = ap.parse_args()
     command = "python bench/attention_op.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items())
     bw = copy_bandwidth_gbs()
@@ -52,14 +52,13 @@ def main():
                 sets = [decode_attention_inputs(hq, hkv, L, n, D, dt) for _ in range(copies)]
                 q, pk, pv, bk, bv, meta = sets[0]
                 ref = decode_attention_ref(q.float(), pk.float(), pv.float(), bk.float(), bv.float(), *meta, n, scale)
-                providers = {name: [] for name in ("ours", "ours_pdl", "sdpa_mask")}
+                providers = {name: [] for name in ("ours", "sdpa_mask")}
                 if flex is not None:
                     providers["flex"] = []
                 for q, pk, pv, bk, bv, meta in sets:
                     ours = lambda q=q, pk=pk, pv=pv, bk=bk, bv=bv, meta=meta: decode_attention(  # noqa: E731
                         q, pk, pv, bk, bv, *meta, n_q=n, scale=scale)
                     providers["ours"].append(ours)
-                    providers["ours_pdl"].append(with_pdl(ours))
                     # the original's layout: [1, H, n, D] queries, keys = prefix ++ block, a boolean mask
                     kk = torch.cat([pk[:, :, :L], bk], dim=2)
                     vv = torch.cat([pv[:, :, :L], bv], dim=2)

@@ -1,118 +1,49 @@
-"""Shared pieces of the GPU benchmarks: records, timers, ceilings, random weights at the released shapes and
-the Hugging Face baseline (transformers Qwen2 modules with a block-causal mask, eager attention).
-
-Every measurement is one JSON line (``record``) carrying the GPU, versions and commit, as STYLE.md asks."""
+"""The benchmarks' shared harness: random weights at the released shapes, the Hugging Face baseline
+(transformers Qwen2 modules with a block-causal mask, eager attention), ceilings (copy bandwidth, bf16 matmul
+rate) and records. Timing and records come from ``fastdllm_kernels.timing``, which the tiling sweep shares:
+every measurement is one JSON line in ``bench/results/<suite>.jsonl`` naming card, versions, commit, date and
+the command that reproduces it."""
 from __future__ import annotations
 
-import contextlib
-import datetime
-import json
 import os
-import subprocess
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fastdllm_kernels.timing import (DEVICE, append_record, copies_beyond_l2, copy_bandwidth_gbs, cuda_time,  # noqa: F401
+                                     env_info, graph_time, sync)
 
-from tests.helpers.checkpoints import RELEASED_1_5B_FIELDS, RELEASED_7B_FIELDS  # noqa: E402
-
+# the released checkpoints' config.json (Fast-dLLM v2 7B; the 1.5B differs in the fields below)
+RELEASED_7B_FIELDS = {
+    "architectures": ["Fast_dLLM_QwenForCausalLM"], "attention_dropout": 0.0, "bd_size": 32,
+    "bos_token_id": 151643, "eos_token_id": 151645, "hidden_act": "silu", "hidden_size": 3584,
+    "initializer_range": 0.02, "intermediate_size": 18944, "max_position_embeddings": 32768,
+    "max_window_layers": 28, "model_type": "Fast_dLLM_Qwen", "num_attention_heads": 28, "num_hidden_layers": 28,
+    "num_key_value_heads": 4, "pad_token_id": 151645, "rms_norm_eps": 1e-06, "rope_scaling": None,
+    "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "use_cache": True, "use_sliding_window": False, "vocab_size": 152064}
+RELEASED_1_5B_FIELDS = dict(RELEASED_7B_FIELDS, hidden_size=1536, intermediate_size=8960, num_attention_heads=12,
+                            num_key_value_heads=2, tie_word_embeddings=True, vocab_size=151936, max_window_layers=21)
 SHAPES = {"7B": RELEASED_7B_FIELDS, "1.5B": RELEASED_1_5B_FIELDS,
           # for smoke-testing the scripts on a CPU
           "tiny": dict(RELEASED_1_5B_FIELDS, hidden_size=256, intermediate_size=512, num_attention_heads=2,
-                       num_key_value_heads=1, vocab_size=151936, num_hidden_layers=28)}
+                       num_key_value_heads=1)}
 # the released checkpoints' mask / stop / pad token ids (random weights have no tokenizer to read them from)
 RELEASED_IDS = dict(mask_token_id=151665, stop_token_id=151645, pad_token_id=151643)
 # (query heads, KV heads) of the released models' attention
 ATTENTION_HEADS = {name: (SHAPES[name]["num_attention_heads"], SHAPES[name]["num_key_value_heads"])
                    for name in ("7B", "1.5B")}
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-RESULTS = os.environ.get("FASTDLLM_BENCH_OUT", os.path.join(os.path.dirname(__file__), "results"))
-
-
-def env_info() -> dict:
-    import triton
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(__file__)).stdout.strip() or None
-    except OSError:
-        commit = None
-    return {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "torch": torch.__version__, "triton": triton.__version__, "commit": commit}
-
-
-_ENV = None
+RESULTS = os.environ.get("FASTDLLM_BENCH_OUT", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
 
 
 def record(file: str, **row) -> dict:
     """Append one measurement to ``RESULTS/<file>.jsonl`` and return it."""
-    global _ENV
-    if _ENV is None:
-        _ENV = env_info()
-    row = {**row, **_ENV, "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, file + ".jsonl"), "a") as f:
-        f.write(json.dumps(row) + "\n")
-    return row
+    return append_record(os.path.join(RESULTS, file + ".jsonl"), row)
 
 
-def cuda_time(fn, warmup: int = 5, iters: int = 30) -> dict:
-    """Median / p20 / p80 of ``fn`` in milliseconds, timed with CUDA events (host clock on CPU), after
-    warm-up."""
-    import time
-
-    for _ in range(warmup):
-        fn()
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        if DEVICE == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
-    return {"p50_ms": q(0.5), "p20_ms": q(0.2), "p80_ms": q(0.8)}
-
-
-def graph_time(fn, reps: int = 20, iters: int = 20) -> dict:
-    """GPU time of ``fn`` without host launch overhead: ``reps`` calls captured in one CUDA graph, the replay
-    timed with CUDA events, divided by ``reps``. Falls back to ``cuda_time`` off the GPU."""
-    if DEVICE != "cuda":
-        return cuda_time(fn)
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    t = cuda_time(g.replay, warmup=3, iters=iters)
-    return {k: v / reps for k, v in t.items()}
-
-
-def copies_beyond_l2(nbytes: int, at_least: int = 1, at_most: int | None = None) -> int:
-    """How many copies of an input of ``nbytes`` together exceed this GPU's L2 three times over, so that timing
-    calls that rotate through them reads every input from HBM (``at_least`` off the GPU, where there is no L2)."""
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size if DEVICE == "cuda" else 0
-    n = max(at_least, -(-3 * l2 // nbytes))
-    return n if at_most is None else min(at_most, n)
-
-
-def rotating_graph_ms(body, copies: int, reps: int = 3, iters: int = 20, capture_body=None) -> float:
+def rotating_graph_ms(body, copies: int, reps: int = 3, iters: int = 20) -> float:
     """Median GPU time (ms) of one ``body(i)`` call: ``reps`` passes over ``i = 0 .. copies - 1`` captured in one
-    CUDA graph, so a call's inputs were last touched ``copies - 1`` calls earlier - pick ``copies`` so that the
-    rotating inputs exceed the L2 and every call reads from HBM. ``capture_body`` (default ``body``) is what
-    the graph records; ``body`` alone warms up eagerly first."""
+    CUDA graph, so a call's inputs were last touched ``copies - 1`` calls earlier - pick ``copies`` with
+    ``copies_beyond_l2`` so that every call reads its inputs from HBM."""
     for i in range(copies):
         body(i)
     torch.cuda.synchronize()
@@ -120,20 +51,8 @@ def rotating_graph_ms(body, copies: int, reps: int = 3, iters: int = 20, capture
     with torch.cuda.graph(g):
         for _ in range(reps):
             for i in range(copies):
-                (capture_body or body)(i)
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2] / (reps * copies)
+                body(i)
+    return cuda_time(g.replay, warmup=3, iters=iters)["p50_ms"] / (reps * copies)
 
 
 def kernel_times_us(fn, calls: int) -> dict:
@@ -153,30 +72,6 @@ def kernel_times_us(fn, calls: int) -> dict:
     return times
 
 
-@contextlib.contextmanager
-def env(**values: str):
-    """Environment variables set for the block (kernels read FASTDLLM_* at each launch, so CUDA graphs captured
-    inside follow them), restored afterwards."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def with_pdl(fn):
-    """``fn`` run (and captured) with programmatic dependent launch on (kernels/launch.py; off by default)."""
-    def call():
-        with env(FASTDLLM_PDL="1"):
-            return fn()
-    return call
-
-
 def decode_attention_inputs(hq: int, hkv: int, prefix: int, queries: int, D: int = 128, dtype=torch.bfloat16):
     """One row's decode-attention call at batch 1: q [queries, hq, D], a prefix cache holding ``prefix`` keys
     (64 spare), the 32-key block cache, and the row metadata (slot 0, prefix length, block cache on, queries
@@ -190,22 +85,8 @@ def decode_attention_inputs(hq: int, hkv: int, prefix: int, queries: int, D: int
     return q, pk, pv, bk, bv, meta
 
 
-def sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
-def copy_bandwidth_gbs(nbytes: int = 4 << 30) -> float:
-    """Device-to-device copy rate counting bytes read + written (METHOD.md's ceiling)."""
-    if DEVICE != "cuda":
-        nbytes = 1 << 26
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=DEVICE).normal_()
-    dst = torch.empty_like(src)
-    t = cuda_time(lambda: dst.copy_(src), warmup=3, iters=10)["p50_ms"]
-    return 2 * nbytes / (t / 1e3) / 1e9
-
-
 def matmul_tflops(n: int = 8192) -> float:
+    """The bf16 matmul rate torch reaches on this card: the ceiling compute-bound work is compared with."""
     if DEVICE != "cuda":
         n = 256
     a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)

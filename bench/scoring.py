@@ -1,4 +1,4 @@
-"""MMLU-like scoring throughput (issue 8): random bf16 weights at the released shapes; 512 questions, each a
+"""MMLU-like scoring throughput: random bf16 weights at the released shapes; 512 questions, each a
 five-shot-sized context of 500-900 random tokens (no prefix shared between questions) and four one-token
 choices.
 
@@ -22,7 +22,6 @@ from common import (DEVICE, RELEASED_IDS, SHAPES, block_causal_additive, hf_mode
 import fastdllm_rt
 
 
-
 def workload(n, seed=0):
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(500, 901, (n,), generator=g).tolist()
@@ -39,7 +38,8 @@ def requests_of(qs):
 
 
 def original(model, qs, mask_id=151665, eos=151645):
-    """spec §4.2, one request at a time."""
+    """The original evaluation: each choice scored by one plain block-causal forward of context + choice
+    (the choice masked, an end-of-sequence token after it), one request at a time."""
     out = []
     with torch.no_grad():
         for ctx, choices in qs:

@@ -4,23 +4,23 @@ Steps: ``full`` (32 queries, the block cache rebuilt), ``sub`` (8 queries agains
 ``commit`` (32 tokens appended to the prefix cache), ``sub_skip12`` (a sub-block step with 12 of 28 layers
 skipped by a reuse policy). Providers: ``hf`` (transformers Qwen2, eager, block-causal mask, DynamicCache: the
 original's path), ``torch`` (our runtime, PyTorch backend, eager), ``triton`` (our runtime, Triton kernels and
-CUDA graphs); ``triton+pdl`` is ``triton`` with its graphs captured with programmatic dependent launch
-(``fastdllm_kernels/launch.py``, off by default).
+CUDA graphs).
 The floor is the weight bytes a step must read over the measured copy bandwidth.
 
-    python bench/steps.py --shapes 7B,1.5B --providers hf,torch,triton,triton+pdl
+    python bench/steps.py --shapes 7B,1.5B --providers hf,torch,triton
 """
 import argparse
 import gc
 
 import torch
 
-from common import (RELEASED_IDS, SHAPES, copy_bandwidth_gbs, env, env_info, cuda_time, hf_model, random_state_dict,
+from common import (RELEASED_IDS, SHAPES, copy_bandwidth_gbs, env_info, cuda_time, hf_model, random_state_dict,
                     record, step_weight_bytes, weight_bytes)
 
 import fastdllm_rt
 from fastdllm_rt import ReusePolicy
 from fastdllm_rt.batch import Kind, RowRequest
+
 
 def hf_steps(fields, sd, prefix):
     from transformers import DynamicCache
@@ -80,7 +80,7 @@ def measure_provider(shape, fields, sd, provider, args, floor_ms, step_bytes, co
     if provider == "hf":
         steps, keep = hf_steps(fields, sd, args.prefix)
     else:
-        keep = fastdllm_rt.from_state_dict(fields, sd, dtype="bf16", backend=provider.split("+")[0],
+        keep = fastdllm_rt.from_state_dict(fields, sd, dtype="bf16", backend=provider,
                                            **RELEASED_IDS)
         steps, engine = ours_steps(keep, args.prefix)
     out = []
@@ -91,7 +91,7 @@ def measure_provider(shape, fields, sd, provider, args, floor_ms, step_bytes, co
         # it, the graph replay alone: the GPU's share
         replay = {}
         runner = getattr(engine, "graphs", None)
-        if runner is not None and runner.last is not None:
+        if getattr(runner, "last", None) is not None:
             r = cuda_time(runner.last.graph.replay, warmup=3, iters=args.iters)
             replay = {"graph_replay_p50_ms": r["p50_ms"], "graph_replay_ratio_to_floor": r["p50_ms"] / floor_ms}
         row = record("steps", shape=shape, provider=provider, step=name, prefix=args.prefix, batch=1,
@@ -99,17 +99,6 @@ def measure_provider(shape, fields, sd, provider, args, floor_ms, step_bytes, co
                      achieved_GBps=step_bytes / (t["p50_ms"] / 1e3) / 1e9, **replay, command=command)
         out.append((shape, provider, name, t["p50_ms"], row["ratio_to_floor"], replay.get("graph_replay_p50_ms")))
     return out
-
-
-def provider_env(provider: str):
-    """The environment a provider variant runs (and captures its graphs) under: ``+pdl`` / ``+pdlexit`` /
-    ``+nopdl`` (``FASTDLLM_PDL`` = 1 / exit / 0)."""
-    values = {}
-    for variant in provider.split("+")[1:]:
-        if variant not in ("pdl", "pdlexit", "nopdl"):
-            raise ValueError(f"unknown provider variant {variant!r} in {provider!r}")
-        values["FASTDLLM_PDL"] = {"pdl": "1", "pdlexit": "exit", "nopdl": "0"}[variant]
-    return env(**values)
 
 
 def main():
@@ -133,8 +122,7 @@ def main():
                p80_ms=floor_ms, weight_bytes=step_bytes, all_weights_ms=all_ms, command=command)
         table.append((shape, "floor", "weights", floor_ms, 1.0, None))
         for provider in args.providers.split(","):
-            with provider_env(provider):
-                table += measure_provider(shape, fields, sd, provider, args, floor_ms, step_bytes, command)
+            table += measure_provider(shape, fields, sd, provider, args, floor_ms, step_bytes, command)
             gc.collect()
             torch.cuda.empty_cache()
         del sd

@@ -1,4 +1,4 @@
-"""Op-level pytest-benchmark suite (issue 5): decode attention against SDPA with a mask at the decode shapes,
+"""Op-level pytest-benchmark suite: decode attention against SDPA with a mask at the decode shapes,
 and the fused elementwise kernels against their PyTorch references. Times are host clock with a synchronise
 per call (launch included, as eager code sees it); bench/attention_op.py times the same ops inside CUDA
 graphs, as the runtime replays them."""

@@ -2,21 +2,26 @@
 20 eager calls each) at the decode shapes, for the plan ``decode_plan`` picks and with half / a quarter of its
 splits; the whole call as a CUDA graph of 20 calls beside them.
 
-    python bench/attention_kernels.py [--prefixes 2048,8192]
+    python bench/probes/attention_kernels.py [--prefixes 2048,8192]     # records: bench/probes/results/
 """
 import argparse
 import dataclasses
+import os
+import sys
 
-from common import ATTENTION_HEADS, decode_attention_inputs, graph_time, kernel_times_us, record
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))      # bench/common.py
+os.environ.setdefault("FASTDLLM_BENCH_OUT", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
 
-from fastdllm_kernels.attention.kernel import decode_attention, decode_plan
+from common import ATTENTION_HEADS, decode_attention_inputs, graph_time, kernel_times_us, record  # noqa: E402
+
+from fastdllm_kernels.attention.kernel import decode_attention, decode_plan  # noqa: E402
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--prefixes", default="2048,8192")
     args = ap.parse_args()
-    command = f"python bench/attention_kernels.py --prefixes {args.prefixes}"
+    command = f"python bench/probes/attention_kernels.py --prefixes {args.prefixes}"
     for model, (hq, hkv) in ATTENTION_HEADS.items():
         for prefix in (int(p) for p in args.prefixes.split(",")):
             for n in (32, 8):
