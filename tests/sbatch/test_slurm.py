@@ -57,7 +57,7 @@ def no_secret_anywhere(slurm, texts, folders):
 def watch_ps(stop, seen):
     """Every process's argument list, sampled until STOP is set (the token must be in none)."""
     while not stop.is_set():
-        out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        out = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
         seen.append(out)
         time.sleep(0.3)
 
