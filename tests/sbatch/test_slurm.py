@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from evalbridge.grid import job_name
 from tests.conftest import REPO
 
 SBATCH = os.path.join(REPO, "sbatch")
@@ -81,10 +82,11 @@ def grid(slurm, tmp_path_factory):
     assert all(r.returncode == 0 for r in both), [r.stderr for r in both]
     third = run_sh(e, *grid_args(res))
     outputs += [r.stdout + r.stderr for r in both + [third]]
-    jobs = slurm.jobs("fdl_")
+    exp = res / "reuse_study_small_model" / "synth_arith_limit_2"
+    names = {job_name(str(exp / c)) for c in ("k1", "k2_first")}     # other tests may submit beside these
+    jobs = {j: v for j, v in slurm.jobs("fdl_").items() if v[0] in names}
     assert len(jobs) == 2, f"two submitters and a third gave {jobs}: one job per configuration expected"
     assert "0 job(s) submitted" in third.stdout
-    exp = res / "reuse_study_small_model" / "synth_arith_limit_2"
     k2_id = next(j for j, (n, _) in jobs.items() if n.startswith("fdl_k2_first_"))
     slurm.wait(lambda: (exp / "k2_first" / ".partial").is_dir(), 120, "the k2_first job to start")
     subprocess.run(["scancel", k2_id], env=slurm.env, check=True)
@@ -94,7 +96,7 @@ def grid(slurm, tmp_path_factory):
     rerun = run_sh(e, *grid_args(res))
     outputs.append(rerun.stdout + rerun.stderr)
     assert "1 job(s) submitted" in rerun.stdout and "skip synth_arith k1 (complete" in rerun.stdout
-    ids = set(slurm.jobs("fdl_")) - set(jobs)
+    ids = {j for j, v in slurm.jobs("fdl_").items() if v[0] in names} - set(jobs)
     slurm.wait(lambda: done(slurm, ids), 300, "the resumed job to end")
     stop.set()
     watcher.join()
@@ -146,7 +148,8 @@ def test_a_different_fingerprint_is_refused_naming_what_differs(grid):
     """A different few-shot count (or model, or model_args) silently reused the old results."""
     res = run_sh(grid["env"], *grid_args(grid["res"], "--num-fewshot", "1"))
     assert res.returncode == 3 and "num_fewshot:  -> 1" in res.stderr and "nothing was submitted" in res.stderr
-    assert not [n for n, s in grid["slurm"].jobs("fdl_").values() if s == "PENDING"]
+    names = {job_name(str(grid["exp"] / c)) for c in ("k1", "k2_first")}
+    assert not [n for n, s in grid["slurm"].jobs("fdl_").values() if s == "PENDING" and n in names]
 
 
 def test_a_failing_force_run_keeps_the_old_result(grid, tmp_path):
@@ -191,7 +194,9 @@ def test_several_processes_under_srun_give_one_process_metrics(grid):
                  str(grid["res"]), "--config", "k1", "--experiment", "dp", "--ntasks", "2")
     assert res.returncode == 0, res.stderr
     slurm = grid["slurm"]
-    ids = {j for j, (n, _) in slurm.jobs("fdl_k1_").items()}
+    name = job_name(str(grid["res"] / "dp" / "synth_arith_limit_2" / "k1"))
+    ids = {j for j, (n, _) in slurm.jobs("fdl_k1_").items() if n == name}
+    assert len(ids) == 1
     slurm.wait(lambda: done(slurm, ids), 300, "the two-process job to end")
     dp = json.loads((grid["res"] / "dp" / "synth_arith_limit_2" / "k1" / "summary.json").read_text())
     one = json.loads((grid["exp"] / "k1" / "summary.json").read_text())
