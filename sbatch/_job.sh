@@ -10,7 +10,7 @@
 set -euo pipefail
 here="${FASTDLLM_SBATCH_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}"
 if [ ! -f "$here/_token.sh" ] && [ -n "${SLURM_JOB_ID:-}" ]; then  # sbatch ran a copy in its spool folder
-  here="$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=//p' | head -n1)")"
+  here="$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p' | head -n1)")"
 fi
 source "$here/_token.sh"
 : "${TASK:?}" "${CONFIG:?}" "${MODEL_ARGS:?}"

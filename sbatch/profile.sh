@@ -13,7 +13,7 @@
 set -euo pipefail
 here="${FASTDLLM_SBATCH_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}"
 if [ ! -f "$here/_token.sh" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
-  here="$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=//p' | head -n1)")"
+  here="$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p' | head -n1)")"
 fi
 [ -f "$here/_token.sh" ] || { echo "profile.sh: cannot find the repository's sbatch folder; set FASTDLLM_SBATCH_DIR" >&2; exit 2; }
 source "$here/_token.sh"
