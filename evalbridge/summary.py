@@ -57,12 +57,20 @@ def scrub(obj, secrets: list[str]):
     return obj
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str, data: dict) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a summary."""
+    """Write to a temporary file in the same folder, then rename: readers never see half a summary. The file
+    gets the mode any other file would get (0666 less the umask), not mkstemp's 0600, so colleagues can read it."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".summary.", suffix=".tmp", dir=folder)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, default=str)
             f.flush()

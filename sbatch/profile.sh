@@ -8,9 +8,14 @@
 # Where nsys is absent, a torch-profiler trace (chrome JSON) with the same range names is written instead.
 #
 #   sbatch/profile.sh [--dry-run] [--model M] [--task T] [--config TAG] [--limit N] [--out DIR]
+# Runs the same directly or under sbatch (which runs a copy from its spool: the repository is found through the
+# job's recorded command). --dry-run prints the command and writes nothing.
 set -euo pipefail
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-[ -f "$here/_token.sh" ] || here="${FASTDLLM_SBATCH_DIR:?set FASTDLLM_SBATCH_DIR to the sbatch folder of this repository}"
+here="${FASTDLLM_SBATCH_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}"
+if [ ! -f "$here/_token.sh" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+  here="$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p' | head -n1)")"
+fi
+[ -f "$here/_token.sh" ] || { echo "profile.sh: cannot find the repository's sbatch folder; set FASTDLLM_SBATCH_DIR" >&2; exit 2; }
 source "$here/_token.sh"
 model="Efficient-Large-Model/Fast_dLLM_v2_7B" task="gsm8k" config="k2_first" limit="8" out="$PWD/profiles" dry=0
 while [ $# -gt 0 ]; do
@@ -21,7 +26,7 @@ while [ $# -gt 0 ]; do
     --config) config="$2"; shift 2 ;;
     --limit) limit="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    -h|--help) sed -n '5,12p' "$here/profile.sh" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "profile.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -30,7 +35,7 @@ mode=output; [ -n "${BASH_REMATCH[3]}" ] && mode=delta
 margs="model=$model,use_block_cache=True,reuse_k=${BASH_REMATCH[1]},layer_subset=${BASH_REMATCH[2]},reuse_mode=$mode"
 eval_cmd=("${PYTHON:-python3}" -m evalbridge --model_args "$margs" --tasks "$task" --limit "$limit"
           --output_dir "$out/$task/$config" --config_tag "$config")
-mkdir -p "$out/$task/$config"
+[ "$dry" -eq 1 ] || mkdir -p "$out/$task/$config"
 resolve_hf_token
 export PYTHONHASHSEED=0 CUBLAS_WORKSPACE_CONFIG=:4096:8 TOKENIZERS_PARALLELISM=false
 if command -v nsys >/dev/null 2>&1; then
