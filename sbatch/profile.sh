@@ -33,7 +33,9 @@ done
 [[ "$config" =~ ^k([0-9]+)_([a-z0-9,-]+)(_delta)?$ ]] || { echo "profile.sh: bad --config $config" >&2; exit 2; }
 mode=output; [ -n "${BASH_REMATCH[3]}" ] && mode=delta
 margs="model=$model,use_block_cache=True,reuse_k=${BASH_REMATCH[1]},layer_subset=${BASH_REMATCH[2]},reuse_mode=$mode"
-eval_cmd=("${PYTHON:-python3}" -m evalbridge --model_args "$margs" --tasks "$task" --limit "$limit"
+source "$here/_python.sh"
+py="$(fastdllm_python "$(dirname "$here")" profile.sh)" || exit 2
+eval_cmd=("$py" -m evalbridge --model_args "$margs" --tasks "$task" --limit "$limit"
           --output_dir "$out/$task/$config" --config_tag "$config")
 [ "$dry" -eq 1 ] || mkdir -p "$out/$task/$config"
 resolve_hf_token

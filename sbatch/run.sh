@@ -94,7 +94,8 @@ while [ -n "$rest" ]; do
   esac
 done
 model_args="$kept"
-py="${PYTHON:-$(command -v python3)}"
+source "$here/_python.sh"
+py="$(fastdllm_python "$(dirname "$here")" run.sh)" || exit 2
 results="$(realpath -m "$results")"
 [ -d "$model" ] && model="$(realpath "$model")"     # jobs may start in another folder
 [ -n "$experiment" ] || experiment="reuse_study_$(basename "${model%/}" | tr -c 'A-Za-z0-9._\n-' '_')"
