@@ -5,7 +5,7 @@
     res = rt.score([(context_ids, continuation_ids)])                   # trajectory log-likelihood
     rt.generate([ids], max_new_tokens=256, reuse=fastdllm_rt.ReusePolicy("first", k=2))
 """
-from .config import ModelConfig, TokenIds
+from .config import DecodeConfig, ModelConfig, ScoreConfig, TokenIds
 from .errors import (CheckpointError, ConfigError, FastDLLMError, HubError, InputError, NumericsError,
                      PolicyError)
 from .loader import build_model, from_state_dict, load
@@ -14,7 +14,8 @@ from .runtime import Runtime
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "from_state_dict", "build_model", "Runtime", "ReusePolicy", "ModelConfig", "TokenIds", "FastDLLMError",
+__all__ = ["load", "from_state_dict", "build_model", "Runtime", "ReusePolicy", "DecodeConfig", "ScoreConfig",
+           "ModelConfig", "TokenIds", "FastDLLMError",
            "ConfigError", "CheckpointError", "HubError", "InputError", "PolicyError", "NumericsError",
            "small_model_path", "__version__"]
 

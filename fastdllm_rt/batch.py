@@ -6,8 +6,9 @@ kind. Groups are laid out in a fixed order so that the rows a reuse policy skips
 
     PLAIN | PREFILL | COMMIT | FULL | SUB (computing) | SUB (skipping)
 
-Kinds (contract §1):
-* PLAIN   block-causal forward over absolute positions, nothing cached (scoring);
+Kinds (docs/design.md, Forward kinds):
+* PLAIN   block-causal forward over absolute positions, nothing cached (scoring); a batch with an explicit
+          ``visibility`` mask (training) is one group of equal-length PLAIN rows seeing what the mask allows;
 * PREFILL clean tokens of whole blocks appended to the prefix cache;
 * COMMIT  a finished 32-token block appended to the prefix cache (prefill of one block);
 * FULL    the current block's 32 positions; rebuilds the block cache;
@@ -91,6 +92,7 @@ class ForwardBatch:
     logits_rows: list[tuple[int, int, int]]  # per request: (request index, lo, hi) into the logits
     reuse_lo: int                   # first token of FULL/SUB rows (their reuse cache is refreshed)
     skip_from: int                  # first token of rows skipping the policy layers (T when none)
+    visibility: torch.Tensor | None = None      # [rows or 1, n, n] explicit mask of PLAIN rows (training)
 
     @property
     def num_tokens(self) -> int:
@@ -114,6 +116,19 @@ def _group_key(req: RowRequest):
     return (_ORDER[req.kind], False)
 
 
+@dataclass(frozen=True)
+class GroupLayout:
+    """Where one group sits in a packed batch: its kind, its token range, the caller's requests in it, their
+    lengths, and the offset of its slots / starts / cumulative lengths in the metadata."""
+    kind: Kind
+    skip: bool
+    tok_lo: int
+    tok_hi: int
+    members: list
+    lens: list
+    meta_offset: int
+
+
 @dataclass
 class PackedBatch:
     """A batch packed on the host: one int64 tensor holding tokens, positions, slots, logits indices and the
@@ -122,14 +137,18 @@ class PackedBatch:
     host: torch.Tensor
     T: int
     n_logits: int
-    layout: list            # (kind, skip, tok_lo, tok_hi, members, lens, meta offset)
+    layout: list[GroupLayout]
     logits_rows: list
     reuse_lo: int
     skip_from: int
 
     @property
     def signature(self) -> tuple:
-        return tuple((kind, skip, tuple(lens)) for kind, skip, _, _, _, lens, _ in self.layout) + (self.n_logits,)
+        return tuple((g.kind, g.skip, tuple(g.lens)) for g in self.layout) + (self.n_logits,)
+
+    @property
+    def kinds(self) -> set:
+        return {g.kind for g in self.layout}
 
 
 def pack_batch(requests: list[RowRequest], block_size: int) -> PackedBatch:
@@ -137,8 +156,8 @@ def pack_batch(requests: list[RowRequest], block_size: int) -> PackedBatch:
     is kept. ``logits_rows[i]`` tells where request i's logits land.
 
     Runs before every decode step while the GPU waits, so it builds one Python list and one tensor over its
-    buffer (not a few tensor calls per row, which took ~120 us per step on the H100 host; ``array`` converts a
-    list of ints 3x faster than ``torch.tensor``)."""
+    buffer rather than a few tensor calls per row (``array`` converts a list of ints faster than
+    ``torch.tensor``)."""
     keys = [_group_key(r) for r in requests]
     order = sorted(range(len(requests)), key=keys.__getitem__)
     tokens: list[int] = []
@@ -181,7 +200,7 @@ def pack_batch(requests: list[RowRequest], block_size: int) -> PackedBatch:
             slots.append(req.slot)
             cursor += n
             cu.append(cursor - lo)
-        layout.append((kind, skip, lo, cursor, members, lens, len(meta)))
+        layout.append(GroupLayout(kind, skip, lo, cursor, members, lens, len(meta)))
         meta.extend(slots + starts + cu)
     ints = array.array("q", tokens + positions + slots_tok + logit_idx + meta)
     host = torch.frombuffer(ints, dtype=torch.long) if ints else torch.zeros(0, dtype=torch.long)
@@ -201,10 +220,10 @@ def upload(packed: PackedBatch, device, buffer: torch.Tensor | None = None) -> F
     T, n_log = packed.T, packed.n_logits
     meta_dev = dev[3 * T + n_log:]
     groups = []
-    for kind, skip, lo, hi, members, lens, off in packed.layout:
-        R = len(members)
-        groups.append(Group(kind=kind, skip=skip, tok_lo=lo, tok_hi=hi, rows=members,
-                            slots=meta_dev[off:off + R], starts=meta_dev[off + R:off + 2 * R], lens=lens,
+    for g in packed.layout:
+        R, off = len(g.members), g.meta_offset
+        groups.append(Group(kind=g.kind, skip=g.skip, tok_lo=g.tok_lo, tok_hi=g.tok_hi, rows=g.members,
+                            slots=meta_dev[off:off + R], starts=meta_dev[off + R:off + 2 * R], lens=g.lens,
                             cu=meta_dev[off + 2 * R:off + 3 * R + 1]))
     return ForwardBatch(tokens=dev[:T], positions=dev[T:2 * T], token_slot=dev[2 * T:3 * T], groups=groups,
                         logits_index=dev[3 * T:3 * T + n_log], logits_rows=packed.logits_rows,
@@ -214,9 +233,9 @@ def upload(packed: PackedBatch, device, buffer: torch.Tensor | None = None) -> F
 def rebind(batch: ForwardBatch, packed: PackedBatch) -> ForwardBatch:
     """``batch`` (uploaded for a packing of the same signature, e.g. a CUDA graph's captured batch) describing
     ``packed``: the device views are reused, the host-side fields (which request is where) are ``packed``'s.
-    Costs a few object constructions, where ``upload`` slices the device buffer anew (~80 us per step on the
-    H100 host). The caller copies ``packed.host`` into the buffer behind ``batch``."""
-    groups = [dataclasses.replace(g, rows=members) for g, (*_, members, _, _) in zip(batch.groups, packed.layout)]
+    Costs a few object constructions, where ``upload`` slices the device buffer anew. The caller copies
+    ``packed.host`` into the buffer behind ``batch``."""
+    groups = [dataclasses.replace(g, rows=lay.members) for g, lay in zip(batch.groups, packed.layout)]
     return dataclasses.replace(batch, groups=groups, logits_rows=packed.logits_rows)
 
 
@@ -225,7 +244,32 @@ def build_batch(requests: list[RowRequest], device, block_size: int) -> ForwardB
 
 
 def shifted_sources(targets: list[int]) -> list[int]:
-    """The token-shift rule (spec §2.0), in one place: the prediction for window offset j is read from the
+    """The token-shift rule (docs/design.md, Forward kinds), in one place: the prediction for window offset j is read from the
     hidden state at j-1. Offset 0 has no source inside the window; like the original we read its own slot,
     and callers guarantee that slot is never used for a masked position."""
     return [max(t - 1, 0) for t in targets]
+
+
+def dense_batch(input_ids: torch.Tensor, positions: torch.Tensor, visibility: torch.Tensor,
+                logits_slice: slice) -> ForwardBatch:
+    """B equal-length PLAIN rows ``input_ids`` [B, N] at ``positions`` [B or 1, N], each token seeing what
+    ``visibility`` [B or 1, N, N] allows (True = may attend), with logits for ``logits_slice`` of every row:
+    the training objective's forward as rows of the one forward."""
+    B, N = input_ids.shape
+    dev = input_ids.device
+    at = list(range(N))[logits_slice]
+    index = torch.tensor([b * N + j for b in range(B) for j in at], dtype=torch.long, device=dev)
+    group = Group(kind=Kind.PLAIN, skip=False, tok_lo=0, tok_hi=B * N, rows=list(range(B)),
+                  slots=torch.zeros(B, dtype=torch.long, device=dev), starts=torch.zeros(B, dtype=torch.long, device=dev),
+                  lens=[N] * B, cu=torch.arange(0, B * N + 1, N, device=dev))
+    return ForwardBatch(tokens=input_ids.reshape(-1), positions=positions.expand(B, N).reshape(-1),
+                        token_slot=torch.zeros(B * N, dtype=torch.long, device=dev), groups=[group],
+                        logits_index=index, logits_rows=[(b, b * len(at), (b + 1) * len(at)) for b in range(B)],
+                        reuse_lo=B * N, skip_from=B * N, visibility=visibility)
+
+
+def cache_write_ranges(groups: list[Group]):
+    """The contiguous token ranges whose K/V go to the prefix cache and to the block cache (None when empty)."""
+    pre = [g for g in groups if g.kind.writes_prefix]
+    blk = [g for g in groups if g.kind.writes_block]
+    return ((pre[0].tok_lo, pre[-1].tok_hi) if pre else None, (blk[0].tok_lo, blk[-1].tok_hi) if blk else None)

@@ -4,9 +4,9 @@ A *slot* is one sequence's home in every cache. Rows enter a batch by taking a s
 slot back, so finished rows leave without moving anyone's data, and shapes stay static for CUDA graphs.
 
 * prefix K/V: ``[L, slots, Hkv, max_len, D]`` — RoPE'd keys/values of committed (clean) blocks;
-* block K/V:  ``[L, slots, Hkv, bs, D]`` — the current block's keys/values (spec §2.4 "DualCache");
-* reuse:      per policy layer ``[slots, bs, hidden]`` — the layer's last computed output (``output`` mode) or
-  residual contribution (``delta`` mode) at each block offset (contract §2).
+* block K/V:  ``[L, slots, Hkv, block_size, D]`` — the current block's keys/values;
+* reuse:      per policy layer ``[slots, block_size, hidden]`` — the layer's last computed output (``output``
+  mode) or residual contribution (``delta`` mode) at each block offset (docs/design.md, Reuse policy).
 """
 from __future__ import annotations
 
@@ -37,38 +37,20 @@ class Caches:
         self.reuse = {layer: torch.zeros(num_slots, bs, config.hidden_size, dtype=dtype, device=device)
                       for layer in self.reuse_layers}
         self._free = list(range(num_slots - 1, -1, -1))
-        self._runners = {}
 
     def close(self) -> None:
-        """Free the tensors and captured graphs now (graphs reference these caches, so plain reference
-        counting would keep both alive until the next garbage collection)."""
-        for runner in self._runners.values():
-            runner.close()
-        self._runners.clear()
+        """Free the tensors now (captured graphs reference them: plain reference counting could keep them
+        alive until the next garbage collection)."""
         self.prefix_k = self.prefix_v = self.block_k = self.block_v = None
         self.reuse = {}
 
     def reset(self) -> None:
-        """Hand every slot back (the contents stay; every reader writes before it reads); a new call begins
-        for the graph runners' schedules."""
+        """Hand every slot back (the contents stay; every reader writes before it reads)."""
         self._free = list(range(self.num_slots - 1, -1, -1))
-        for runner in self._runners.values():
-            runner.schedule.new_call()
 
     def fits(self, num_slots: int, max_len: int, reuse_layers, reuse_mode) -> bool:
         return (num_slots <= self.num_slots and max_len <= self.max_len
                 and tuple(reuse_layers) == self.reuse_layers and reuse_mode == self.reuse_mode)
-
-    def graph_runner(self, model, reuse):
-        """The CUDA-graph runner bound to these caches and this reuse schedule (graphs bake in both)."""
-        from .graphs import GraphRunner
-
-        key = None if reuse is None else (reuse.policy.k, reuse.policy.mode, tuple(sorted(reuse.layers)))
-        if key not in self._runners:
-            self._runners[key] = GraphRunner(model, self, reuse)
-        runner = self._runners[key]
-        runner.reuse = reuse
-        return runner
 
     # ---- slots -------------------------------------------------------------------------------------------
     def alloc(self) -> int:

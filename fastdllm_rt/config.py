@@ -1,8 +1,10 @@
-"""Frozen configuration records read from a checkpoint's ``config.json``.
+"""Frozen configuration records: the checkpoint's and each call's.
 
-``ModelConfig`` holds what the transformer needs (spec ``fast-dllm-v2.md`` §1); ``TokenIds`` holds the three
-special ids the algorithms use (mask, stop, pad). Fields the checkpoint states are never re-derived; a field it
-omits gets the Qwen2 default, and anything we cannot run raises ``ConfigError`` naming the field and the fix.
+``ModelConfig`` holds what the transformer needs, read from ``config.json`` (whose name for the block size is
+``bd_size``); ``TokenIds`` holds the three special ids the algorithms use (mask, stop, pad). Fields the
+checkpoint states are never re-derived; a field it omits gets the Qwen2 default, and anything we cannot run
+raises ``ConfigError`` naming the field and the fix. ``DecodeConfig`` and ``ScoreConfig`` hold one sampling or
+scoring call's settings, validated on construction; their defaults are written here only.
 """
 from __future__ import annotations
 
@@ -11,15 +13,22 @@ import json
 import os
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from .errors import ConfigError, InputError, PolicyError
+from .reuse import ReusePolicy
 
-# The released checkpoints' ids (spec §1 "Tokens and ids"), used when neither tokenizer nor config says.
+# The released checkpoints' ids, used when neither tokenizer nor config says.
 RELEASED_MASK_ID = 151665
 RELEASED_STOP_ID = 151645
 RELEASED_PAD_ID = 151643
 MASK_TOKEN_TEXT = "|<MASK>|"
 
 SUPPORTED_MODEL_TYPES = ("Fast_dLLM_Qwen", "qwen2")
+BLOCK_SIZE = 32          # positions per block (the released models' bd_size)
+SUB_BLOCK_SIZE = 8       # positions per sub-block
+THRESHOLD = 0.9          # a masked position is unmasked when its confidence is above this
+SCORING_MODES = ("trajectory", "first_token")
+REVEAL_MODES = ("one", "threshold")
+
 REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
@@ -36,7 +45,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = False
-    bd_size: int = 32
+    bd_size: int = BLOCK_SIZE
     model_type: str = "Fast_dLLM_Qwen"
     eos_token_id: int | None = None
     pad_token_id: int | None = None
@@ -103,7 +112,7 @@ class ModelConfig:
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=raw.get("max_position_embeddings", 32768),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            bd_size=raw.get("bd_size", 32),
+            bd_size=raw.get("bd_size", BLOCK_SIZE),
             model_type=model_type,
             eos_token_id=_first_id(raw.get("eos_token_id")),
             pad_token_id=_first_id(raw.get("pad_token_id")),
@@ -174,7 +183,7 @@ class TokenIds:
 
 def resolve_token_ids(config: ModelConfig, tokenizer=None, *, mask=None, stop=None, pad=None) -> TokenIds:
     """Caller overrides win; then the tokenizer (its ``|<MASK>|`` token, eos, pad); then config.json; then the
-    released values (spec §1)."""
+    released values."""
     tok_mask = tok_stop = tok_pad = None
     if tokenizer is not None:
         tok_mask = tokenizer.token_to_id(MASK_TOKEN_TEXT)
@@ -194,3 +203,71 @@ def _pick(*candidates):
         if c is not None:
             return int(c)
     raise AssertionError("unreachable: the last candidate is a constant")
+
+
+def _check_steps(threshold, block_size, sub_block_size) -> None:
+    if not 0.0 <= float(threshold) <= 1.0:
+        raise InputError(f"threshold must lie in [0, 1], got {threshold}")
+    if not isinstance(sub_block_size, int) or sub_block_size < 1 or block_size % sub_block_size:
+        raise ConfigError(f"sub-block size (small_block_size) {sub_block_size!r} must be a positive divisor of "
+                          f"the block size {block_size}")
+
+
+def _check_batch_size(batch_size) -> None:
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise InputError(f"batch_size must be a positive integer or None (as many as fit), got {batch_size!r}")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """One generation call. ``reuse``: a ``ReusePolicy`` (None or k=1: compute every layer); ``early_exit``:
+    leave a block as soon as every token that will be returned is decoded; ``batch_size``: rows in flight
+    (None: all); ``temperature`` / ``top_p``: one value or one per prompt."""
+    max_new_tokens: int
+    threshold: float = THRESHOLD
+    block_size: int = BLOCK_SIZE
+    sub_block_size: int = SUB_BLOCK_SIZE
+    use_block_cache: bool = True
+    temperature: object = 0.0
+    top_p: object = 1.0
+    reuse: ReusePolicy | None = None
+    stop_strings: tuple = ()
+    early_exit: bool = False
+    seed: int = 0
+    batch_size: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) \
+                or self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        _check_steps(self.threshold, self.block_size, self.sub_block_size)
+        _check_batch_size(self.batch_size)
+        object.__setattr__(self, "threshold", float(self.threshold))
+        object.__setattr__(self, "stop_strings", tuple(s for s in (self.stop_strings or ()) if s))
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """One scoring call. ``scoring``: ``trajectory`` (the sampler's steps replayed with the answer known) or
+    ``first_token`` (the original evaluation); ``reveal``: ``one`` token per step, or also every later one above
+    ``threshold``; ``batch_size``: requests per chunk (None: as many as memory allows)."""
+    scoring: str = "trajectory"
+    reveal: str = "one"
+    threshold: float = THRESHOLD
+    block_size: int = BLOCK_SIZE
+    sub_block_size: int = SUB_BLOCK_SIZE
+    use_block_cache: bool = True
+    reuse: ReusePolicy | None = None
+    batch_size: int | None = None
+
+    def __post_init__(self):
+        if self.scoring not in SCORING_MODES:
+            raise ConfigError(f"scoring={self.scoring!r} is unknown; choose one of {SCORING_MODES}")
+        if self.reveal not in REVEAL_MODES:
+            raise ConfigError(f"reveal={self.reveal!r} is unknown; choose one of {REVEAL_MODES}")
+        _check_steps(self.threshold, self.block_size, self.sub_block_size)
+        _check_batch_size(self.batch_size)
+        if self.scoring == "first_token" and isinstance(self.reuse, ReusePolicy) and self.reuse.active:
+            raise PolicyError("first_token scoring is one plain forward with no denoising steps, so a reuse "
+                              "policy cannot act on it; use scoring='trajectory' to study reuse")
+        object.__setattr__(self, "threshold", float(self.threshold))

@@ -8,8 +8,8 @@ import torch
 from .config import ModelConfig, resolve_token_ids
 from .errors import ConfigError
 from .hub import resolve_checkpoint
-from .model import FastDLLM
-from .ops import BACKENDS, make_ops
+from .backend import BACKENDS, make_backend
+from .model import FastDLLM, fold_norm_gains
 from .tokenizer import load_tokenizer
 from .weights import load_into, load_state_dict_into
 
@@ -68,7 +68,15 @@ def pick_backend(backend, device: torch.device, config: ModelConfig | None = Non
 def build_model(config: ModelConfig, backend: str = "torch", device="cpu") -> FastDLLM:
     """An unmaterialised model on the meta device (parameter counting, loading)."""
     with torch.device("meta"):
-        return FastDLLM(config, make_ops(backend, torch.device(device)))
+        return FastDLLM(config, make_backend(backend, torch.device(device)))
+
+
+def ready(net: FastDLLM) -> None:
+    """Inference mode, no gradients, and the weight layout the backend runs (folded norm gains for triton)."""
+    net.eval()
+    net.requires_grad_(False)
+    if net.backend.folds_norm_gains:
+        fold_norm_gains(net)
 
 
 def load(model, *, dtype=None, device=None, backend=None, mask_token_id=None, stop_token_id=None,
@@ -88,9 +96,7 @@ def load(model, *, dtype=None, device=None, backend=None, mask_token_id=None, st
     backend = pick_backend(backend, device, config)
     net = build_model(config, backend, device)
     load_into(net, folder, dtype, device)
-    net.eval()
-    net.requires_grad_(False)
-    net.ops.adopt(net)                 # the backend's own weight layout (triton: norm gains folded)
+    ready(net)
     return Runtime(net, tokenizer=tokenizer, token_ids=token_ids, folder=os.path.abspath(folder), backend=backend)
 
 
@@ -107,7 +113,5 @@ def from_state_dict(config, state_dict, *, tokenizer=None, dtype=None, device=No
     backend = pick_backend(backend, device, config)
     net = build_model(config, backend, device)
     load_state_dict_into(net, state_dict, dtype, device)
-    net.eval()
-    net.requires_grad_(False)
-    net.ops.adopt(net)
+    ready(net)
     return Runtime(net, tokenizer=tokenizer, token_ids=token_ids, folder="(state dict)", backend=backend)

@@ -1,8 +1,11 @@
-"""Layer-output reuse (contract §2): which layers a sub-block step may skip, and what a skipped layer returns.
+"""Layer-output reuse (docs/design.md, Reuse policy): which layers a sub-block step may skip, and what a
+skipped layer returns.
 
-``ReusePolicy`` is the user's description, validated before any model work. ``ReuseRuntime`` applies it inside
-the unified forward: ``skips`` says whether a layer belongs to the set, ``replay`` produces a skipped layer's
-output from the reuse cache, ``record`` refreshes that cache from every computed FULL / SUB row.
+``ReusePolicy`` is the user's description, validated on construction. ``resolve_policy`` turns it into a
+``ReusePlan`` for one model, once per call, before any model work (``None``: compute everything).
+``ReuseRuntime`` applies the plan inside the forward: ``skips`` says whether a layer belongs to the set,
+``replay`` produces a skipped layer's output from the reuse cache, ``record`` refreshes that cache from every
+computed FULL / SUB row.
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ class ReusePolicy:
         return self.k > 1
 
     def resolve(self, num_layers: int) -> tuple[int, ...]:
-        """The sorted layer indices for an ``num_layers``-layer model (contract §2 formulas)."""
+        """The sorted layer indices for an ``num_layers``-layer model (docs/design.md, Reuse policy)."""
         S, L = self.subset_size, num_layers
         if isinstance(self.layers, str) and self.layers in NAMED_SUBSETS:
             if S > L:
@@ -78,7 +81,7 @@ class ReusePolicy:
                 "k": self.k, "mode": self.mode, "subset_size": self.subset_size}
 
     @classmethod
-    def from_args(cls, k=1, layer_subset="first", mode="output", subset_size=12) -> "ReusePolicy | None":
+    def from_args(cls, k, layer_subset="first", mode="output", subset_size=12) -> "ReusePolicy | None":
         """Build from string-ish CLI/model_args values; ``None`` when k == 1 (no reuse)."""
         k = int(k)
         if isinstance(layer_subset, str) and layer_subset.startswith("[") and layer_subset.endswith("]"):
@@ -106,26 +109,58 @@ def _parse_layer_string(text: str) -> list[int]:
     return ids
 
 
-class ReuseRuntime:
-    """The policy bound to one model and one set of caches for the duration of a call."""
+@dataclass(frozen=True)
+class ReusePlan:
+    """A policy resolved for one model: the layer set, the schedule and the mode."""
+    policy: ReusePolicy
+    layers: tuple[int, ...]
 
-    def __init__(self, policy: ReusePolicy, num_layers: int, caches):
-        self.policy = policy
-        self.layers = frozenset(policy.resolve(num_layers))
+    @property
+    def k(self) -> int:
+        return self.policy.k
+
+    @property
+    def mode(self) -> str:
+        return self.policy.mode
+
+    def skips_step(self, step: int) -> bool:
+        """Whether a sub-block forward at ``step`` of its block skips the layer set."""
+        return step % self.policy.k != 0
+
+
+def resolve_policy(policy, num_layers: int, use_block_cache: bool) -> ReusePlan | None:
+    """The plan a call runs, checked before any model work; None for no policy or k == 1 (the same thing)."""
+    if policy is None:
+        return None
+    if not isinstance(policy, ReusePolicy):
+        raise PolicyError(f"reuse must be a fastdllm_rt.ReusePolicy or None, got {type(policy).__name__}")
+    layers = policy.resolve(num_layers)
+    if not policy.active:
+        return None
+    if not use_block_cache:
+        raise PolicyError(f"reuse with k={policy.k} needs use_block_cache=True: layers are only skipped on "
+                          f"sub-block steps, which exist only with the block cache")
+    return ReusePlan(policy, layers)
+
+
+class ReuseRuntime:
+    """A plan bound to one set of caches for the duration of a call."""
+
+    def __init__(self, plan: ReusePlan, caches):
+        self.plan = plan
+        self.mode = plan.mode
+        self.layers = frozenset(plan.layers)
         self.caches = caches
 
     def skips(self, layer: int) -> bool:
         return layer in self.layers
 
-    def should_skip_step(self, step: int) -> bool:
-        return self.policy.active and step % self.policy.k != 0
-
     def replay(self, layer: int, x_in: torch.Tensor, slots: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         cached = self.caches.reuse[layer][slots, offsets]
-        return cached if self.policy.mode == "output" else x_in + cached
+        return cached if self.mode == "output" else x_in + cached
 
     def record(self, layer: int, x_in, x_out, slots, offsets) -> None:
         if layer not in self.layers:
             return
-        value = x_out if self.policy.mode == "output" else x_out - x_in
+        value = x_out if self.mode == "output" else x_out - x_in
         self.caches.reuse[layer][slots, offsets] = value

@@ -1,4 +1,4 @@
-"""Block-diffusion generation: the original ``batch_sample`` (spec §3.2) with its defects fixed (contract §5).
+"""Block-diffusion generation: the original ``batch_sample`` with its defects fixed (docs/design.md, Sampling).
 
 Per step, every row with masks in its current sub-block unmasks each masked position whose confidence is
 strictly above the threshold, plus always its single most confident one. Rows keep their own block, sub-block
@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from .batch import Kind, RowRequest
-from .engine import BlockState, Engine, check_finite
+from .config import DecodeConfig
+from .decoding import BlockState, StepPlanner
+from .forwards import check_finite
 from .stats import CallStats
 
 
@@ -46,38 +48,32 @@ class _Row:
 
 
 class Sampler:
-    def __init__(self, runtime, *, max_new_tokens, threshold, block_size, small_block_size, use_block_cache,
-                 temperature, top_p, reuse, stop_strings, early_exit, seed, batch_size, trace=None):
+    def __init__(self, runtime, config: DecodeConfig, plan=None, trace=None):
+        """``plan``: the call's resolved ``ReusePlan`` (None: compute every layer); ``trace``: see
+        ``Runtime.generate``."""
         self.rt = runtime
-        self.cfg = runtime.config
+        self.cfg = config
         self.ids = runtime.token_ids
-        self.max_new_tokens = max_new_tokens
-        self.threshold = threshold
-        self.use_block_cache = use_block_cache
-        self.temperature, self.top_p = temperature, top_p
-        self.policy = reuse
-        self.stop_strings = [s for s in (stop_strings or []) if s]
-        self.early_exit = early_exit
-        self.seed = seed
-        self.batch_size = batch_size
-        self.bs = block_size
-        self.small = small_block_size
+        self.plan = plan
+        self.stop_strings = list(config.stop_strings)
+        self.block_size = config.block_size
+        self.sub_block_size = config.sub_block_size
         self.trace = trace
+        self.planner = StepPlanner(self.ids.mask, block_size=config.block_size, sub_block_size=config.sub_block_size,
+                                   use_block_cache=config.use_block_cache, plan=plan)
 
     # ---- main loop ---------------------------------------------------------------------------------------
     def run(self, prompts: list[list[int]]) -> GenerationResult:
-        rt, bs = self.rt, self.bs
-        temps = _per_row(self.temperature, len(prompts), "temperature")
-        top_ps = _per_row(self.top_p, len(prompts), "top_p")
-        rows = [_Row(i, list(p), self.max_new_tokens, temps[i], top_ps[i], self._generator(i, temps[i]))
+        rt, cfg, bs = self.rt, self.cfg, self.block_size
+        temps = _per_row(cfg.temperature, len(prompts), "temperature")
+        top_ps = _per_row(cfg.top_p, len(prompts), "top_p")
+        rows = [_Row(i, list(p), cfg.max_new_tokens, temps[i], top_ps[i], self._generator(i, temps[i]))
                 for i, p in enumerate(prompts)]
         max_len = max(_round_up(len(r.prompt) + r.budget, bs) + bs for r in rows)
-        n_slots = min(len(rows), self.batch_size or len(rows))
-        caches = rt.new_caches(n_slots, max_len, self.policy)
-        stats = CallStats(num_layers=self.cfg.num_hidden_layers, requests=len(rows))
-        engine = Engine(rt.model, caches, self.ids.mask, use_block_cache=self.use_block_cache,
-                        sub_size=self.small, reuse=rt.reuse_runtime(self.policy, caches), stats=stats)
-        self.engine = engine
+        n_slots = min(len(rows), cfg.batch_size or len(rows))
+        stats = CallStats(num_layers=rt.config.num_hidden_layers, requests=len(rows))
+        caches, runner = rt.pool.start_call(n_slots, max_len, self.plan, stats)
+        planner = self.planner
         waiting = deque(rows)
         active: list[_Row] = []
         while waiting or active:
@@ -85,15 +81,15 @@ class Sampler:
                 row = waiting.popleft()
                 self._admit(row, caches.alloc())
                 active.append(row)
-            requests = [self._request(engine, row) for row in active]
-            logits, batch = engine.run(requests)
-            greedy = _greedy_choice(logits, rt.model.ops)
-            for row, req, (_, lo, hi) in zip(active, requests, batch.logits_rows):
-                self._advance(engine, row, req, logits[lo:hi], greedy[0][lo:hi], greedy[1][lo:hi])
+            requests = [self._request(planner, row) for row in active]
+            logits, logits_rows = runner.run(requests)
+            greedy = _greedy_choice(logits, rt.model.backend)
+            for row, req, (_, lo, hi) in zip(active, requests, logits_rows):
+                self._advance(planner, row, req, logits[lo:hi], greedy[0][lo:hi], greedy[1][lo:hi])
             for row in [r for r in active if r.phase == "done"]:
                 caches.release(row.state.slot)
             active = [r for r in active if r.phase != "done"]
-        stats = engine.finish()
+        stats = runner.finish()
         stats.tokens_generated = sum(len(r.gen) for r in rows)
         texts = None
         if rt.tokenizer is not None:
@@ -103,26 +99,26 @@ class Sampler:
 
     # ---- per-row transitions -----------------------------------------------------------------------------
     def _admit(self, row: _Row, slot: int) -> None:
-        P, bs = len(row.prompt), self.bs
+        P, bs = len(row.prompt), self.block_size
         whole = P - P % bs
-        row.state = self.engine.new_state(slot, whole)
+        row.state = self.planner.new_state(slot, whole)
         if whole:
             row.phase = "prefill"
         else:
             self._start_block(row, 0, row.prompt[:])
 
-    def _request(self, engine: Engine, row: _Row) -> RowRequest:
+    def _request(self, planner: StepPlanner, row: _Row) -> RowRequest:
         st = row.state
         if row.phase == "prefill":
             P = len(row.prompt)
-            want = [st.block_start - 1] if P % self.bs == 0 else []
+            want = [st.block_start - 1] if P % self.block_size == 0 else []
             return RowRequest(Kind.PREFILL, st.slot, 0, torch.tensor(row.prompt[:st.block_start]), logits_at=want)
         if row.phase == "commit":
-            return engine.commit_request(st)
-        return engine.denoise_request(st)
+            return planner.commit_request(st)
+        return planner.denoise_request(st)
 
-    def _advance(self, engine, row: _Row, req: RowRequest, logits, conf, x0) -> None:
-        st, bs = row.state, self.bs
+    def _advance(self, planner: StepPlanner, row: _Row, req: RowRequest, logits, conf, x0) -> None:
+        st, bs = row.state, self.block_size
         if req.kind is Kind.PREFILL:
             P = len(row.prompt)
             if P % bs:
@@ -135,30 +131,30 @@ class Sampler:
             return
         if self.trace is not None:
             self.trace(row.index, req.kind.label, st.block_start, st.sub, st.step, logits)
-        engine.after_denoise(st, req.kind)
-        n = self.small
+        planner.after_denoise(st, req.kind)
+        n = self.sub_block_size
         r = st.sub * n
         if row.temperature > 0:
             x0, conf = _sample_top_p(logits, row.temperature, row.top_p, row.generator)
         conf, x0 = conf.tolist(), x0.tolist()
         cand = [j for j in range(n) if st.pending[r + j]]
-        chosen = {j for j in cand if conf[j] > self.threshold}
+        chosen = {j for j in cand if conf[j] > self.cfg.threshold}
         chosen.add(max(cand, key=lambda j: (conf[j], -j)))
         for j in chosen:
             st.block[r + j] = x0[j]
             st.pending[r + j] = False
-        if self.early_exit:
+        if self.cfg.early_exit:
             self._lower_needed(row)
         if st.is_done():
             self._finish_block(row)
 
     def _start_block(self, row: _Row, block_start: int, known: list[int]) -> None:
         """Open the block at ``block_start`` holding ``known`` tokens followed by masks."""
-        bs, mask = self.bs, self.ids.mask
+        bs, mask = self.block_size, self.ids.mask
         block = known + [mask] * (bs - len(known))
         pending = [False] * len(known) + [True] * (bs - len(known))
         row.state.new_block(block_start, block, pending)
-        if self.early_exit:
+        if self.cfg.early_exit:
             self._lower_needed(row)
         row.phase = "denoise"
 
@@ -168,7 +164,7 @@ class Sampler:
         row.gen.append(token)
         if self._check_end(row):
             return
-        start = st.block_start + (self.bs if row.phase == "commit" else 0)
+        start = st.block_start + (self.block_size if row.phase == "commit" else 0)
         self._start_block(row, start, [token])
 
     def _finish_block(self, row: _Row) -> None:
@@ -238,25 +234,25 @@ class Sampler:
         if temperature <= 0:
             return None
         g = torch.Generator(device=self.rt.device)
-        g.manual_seed((self.seed or 0) * 1_000_003 + index)
+        g.manual_seed((self.cfg.seed or 0) * 1_000_003 + index)
         return g
 
 
-def _greedy_choice(logits: torch.Tensor, ops):
+def _greedy_choice(logits: torch.Tensor, backend):
     """Confidence and argmax of every logits row, as the original's temperature-0 path defines them (the
     largest softmax probability and its index), moved to the host with their finiteness in one copy - the
-    host waits for the GPU once per step. The backend computes them (``ops.choice_stats``): the torch backend
-    as the original (softmax, then max), the triton backend in one split pass over the vocabulary - PyTorch's
-    softmax and max over 152k columns took 170-320 us a step with the GPU otherwise idle (bench/sampler_host.py)."""
+    host waits for the GPU once per step. The backend computes them (``choice_stats``): the torch backend as
+    the original (softmax, then max), the triton backend in one split pass over the vocabulary, where
+    PyTorch's softmax and max over a 152k vocabulary would keep the GPU idle for most of a decode step."""
     if logits.numel() == 0:
         return torch.empty(0), torch.empty(0, dtype=torch.long)
-    host = ops.choice_stats(logits).cpu()
+    host = backend.choice_stats(logits).cpu()
     check_finite(bool(host[2].all()), "sampling")
     return host[0], host[1].long()
 
 
 def _sample_top_p(logits, temperature, top_p, generator):
-    """Temperature + nucleus sampling for one row's positions (spec §3.3 without the row-0 defect)."""
+    """Temperature + nucleus sampling for one row's positions (without the original's row-0 defect)."""
     probs = torch.softmax(logits / temperature, dim=-1)
     sorted_p, order = probs.sort(dim=-1, descending=True)
     remove = sorted_p.cumsum(-1) > top_p

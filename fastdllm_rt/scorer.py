@@ -1,34 +1,28 @@
-"""Log-likelihood scoring (contract §4).
+"""Log-likelihood scoring of a call's requests: chunking, out-of-memory back-off, rolling windows.
 
-``trajectory`` (default): the sampler's own procedure with the answer known. The context's whole blocks are
-prefilled; in each block holding continuation tokens the denoising loop runs with the sampler's sub-block
-order and full/sub-block choice; each step reveals the leftmost still-masked continuation token of the current
-sub-block and adds its log-probability; finished blocks are committed and their last logit predicts the next
-block's first token. Positions after the continuation stay masked. The reuse policy acts on the same steps as
-in sampling. ``reveal="threshold"`` additionally reveals, at each step, every later continuation token of the
-sub-block whose probability exceeds ``threshold`` (the sampler's parallel unmasking under teacher forcing).
-
-Requests are replayed as a tree: requests with the same context start in one node (the context prefill is
-computed once); a node advances one step for all its requests and splits only when their revealed tokens
-differ, so identical scoring inputs are computed once (MMLU's four one-token choices cost one forward).
-
-``first_token``: the original evaluation exactly (spec §4.2): mask the first continuation token, stop token
-after the continuation, masks to the block end, one plain forward, log p(first token). Identical inputs are
-forwarded once and the whole blocks before the scored one are prefilled once per distinct prefix.
+The scoring procedures themselves (trajectory replay, first-token) run over one chunk at a time
+(``scoring.py``). Requests sharing a context stay in one chunk, so their shared prefill is computed once; a
+chunk that does not fit in GPU memory is retried in halves.
 """
 from __future__ import annotations
 
-import math
-from collections import OrderedDict
+import logging
 from dataclasses import dataclass
 
 import torch
 
-from .batch import Kind, RowRequest
-from .engine import check_finite
+from .cache import Caches
+from .config import ScoreConfig
+from .decoding import StepPlanner
+from .scoring import FirstTokenScorer, ScoreChunk, TrajectoryScorer
+from .stats import CallStats
 
-SCORING_MODES = ("trajectory", "first_token")
-REVEAL_MODES = ("one", "threshold")
+log = logging.getLogger("fastdllm_rt")
+
+BACKED_OFF = "scoring batch backed off"
+NOTHING_SKIPPED = ("no layer evaluation was skipped: every revealed token was predicted by a prefill, commit or "
+                   "full-block forward (step 0 of its sub-block), which always compute every layer "
+                   "(docs/design.md, Trajectory scoring)")
 
 
 @dataclass
@@ -38,222 +32,116 @@ class ScoreResult:
     stats: object
 
 
-class _Node:
-    """Requests sharing a context and every continuation token revealed so far, hence one decoding state."""
-    __slots__ = ("requests", "state", "phase")
+class Scorer:
+    def __init__(self, runtime, config: ScoreConfig, plan=None):
+        """``plan``: the call's resolved ``ReusePlan`` (None: compute every layer)."""
+        self.rt, self.cfg, self.plan = runtime, config, plan
+        self.num_layers = runtime.config.num_hidden_layers
 
-    def __init__(self, requests, state, phase):
-        self.requests, self.state, self.phase = requests, state, phase   # phase: prefill | denoise | commit
+    def score(self, requests) -> ScoreResult:
+        stats = CallStats(num_layers=self.num_layers, requests=len(requests))
+        ll = [0.0] * len(requests)
+        greedy = [True] * len(requests)
+        if not requests:
+            return ScoreResult(ll, greedy, stats)
+        for ids in self._chunks(requests):
+            self._score_backing_off(requests, ids, ll, greedy, stats)
+        if self.plan is not None and stats.skipped_layer_evaluations == 0:
+            stats.notes.append(NOTHING_SKIPPED)
+        return ScoreResult(ll, greedy, stats)
 
+    def score_rolling(self, documents, prefix_token: int, max_length: int):
+        """Whole-document log-likelihoods over disjoint windows (``rolling_windows``); returns (totals, stats)."""
+        windows, owner = [], []
+        for d, doc in enumerate(documents):
+            for ctx, cont in rolling_windows(list(doc), prefix_token, max_length):
+                windows.append((ctx, cont))
+                owner.append(d)
+        res = self.score(windows)
+        totals = [0.0] * len(documents)
+        for d, value in zip(owner, res.loglikelihoods):
+            totals[d] += value
+        res.stats.requests = len(documents)
+        return totals, res.stats
 
-class _Chunk:
-    """Bookkeeping shared by both scorers for one chunk of requests."""
+    def _chunks(self, requests):
+        """Request index lists, contexts kept together, each at most ``batch_size`` requests."""
+        size = self.cfg.batch_size or self._auto_batch(requests)
+        groups: dict = {}
+        for i, (c, _) in enumerate(requests):
+            groups.setdefault(tuple(c), []).append(i)
+        chunk: list[int] = []
+        for members in groups.values():
+            if chunk and len(chunk) + len(members) > size:
+                yield chunk
+                chunk = []
+            chunk.extend(members)
+        if chunk:
+            yield chunk
 
-    def __init__(self, requests, ll, greedy):
-        self.requests, self.ll, self.greedy = requests, ll, greedy
-        self.tokens_scored = 0
+    def _auto_batch(self, requests) -> int:
+        device = self.rt.device
+        if device.type != "cuda":
+            return 64
+        max_len = max(len(c) + len(x) for c, x in requests) + 2 * self.cfg.block_size
+        reuse_layers = len(self.plan.layers) if self.plan is not None else 0
+        per_slot = Caches.bytes_per_slot(self.rt.config, max_len, self.rt.dtype, reuse_layers)
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(1, min(512, int(0.5 * free // max(per_slot, 1))))
 
-    def end(self, i):
-        ctx, cont = self.requests[i]
-        return len(ctx) + len(cont)
-
-    def token_at(self, i, pos):
-        ctx, cont = self.requests[i]
-        return cont[pos - len(ctx)]
-
-
-def _gather_logp(logits, pairs, ops):
-    """pairs: [(logits row, token)] -> host lists (log p, is argmax). The backend computes them with their
-    finiteness (``ops.token_logp``), copied to the host in one transfer: the host waits for the GPU once a step."""
-    if not pairs:
-        return [], []
-    dev = logits.device
-    rows = torch.tensor([r for r, _ in pairs], device=dev)
-    toks = torch.tensor([t for _, t in pairs], device=dev)
-    host = ops.token_logp(logits[rows], toks).cpu()
-    check_finite(bool(host[2].all()), "scoring")
-    return host[0].tolist(), [bool(x) for x in host[1].tolist()]
-
-
-class TrajectoryScorer:
-    def __init__(self, engine, caches, *, mask_id, block_size, sub_size, reveal, threshold):
-        self.engine, self.caches = engine, caches
-        self.mask, self.bs, self.sub_size = mask_id, block_size, sub_size
-        self.reveal, self.log_threshold = reveal, (math.log(threshold) if threshold > 0 else -math.inf)
-
-    def run(self, chunk: _Chunk) -> None:
-        self.c = chunk
-        groups: "OrderedDict[tuple, list[int]]" = OrderedDict()
-        for i, (ctx, _) in enumerate(chunk.requests):
-            groups.setdefault(tuple(ctx), []).append(i)
-        nodes = []
-        for ctx, members in groups.items():
-            whole = len(ctx) - len(ctx) % self.bs
-            node = _Node(members, self.engine.new_state(self.caches.alloc(), whole), "prefill")
-            if not whole:
-                self._open_block(node, 0, [])
-            nodes.append(node)
-        while nodes:
-            plans = [self._plan(node) for node in nodes]
-            logits, batch = self.engine.run([req for req, _ in plans])
-            pairs, where = [], []
-            for node, (req, positions), (_, lo, _) in zip(nodes, plans, batch.logits_rows):
-                mine = []
-                for j, pos in positions:
-                    for i in node.requests:
-                        if pos < chunk.end(i):
-                            mine.append((i, pos, len(pairs)))
-                            pairs.append((lo + j, chunk.token_at(i, pos)))
-                where.append(mine)
-            logp, argmax = _gather_logp(logits, pairs, self.engine.model.ops)
-            nodes = [child for node, (req, positions), mine in zip(nodes, plans, where)
-                     for child in self._advance(node, req, positions, [(i, p, logp[k], argmax[k]) for i, p, k in mine])]
-
-    # ---- planning ----------------------------------------------------------------------------------------
-    def _open_block(self, node: _Node, block_start: int, known: list[int]) -> None:
-        """Context and revealed tokens known; continuation positions pending; positions past the longest
-        continuation masked and never revealed (the model is not told what follows)."""
-        ctx = self.c.requests[node.requests[0]][0]
-        end = max(self.c.end(i) for i in node.requests)
-        block, pending = [], []
-        for j in range(self.bs):
-            pos = block_start + j
-            if pos < len(ctx):
-                block.append(ctx[pos])
-            elif j < len(known):
-                block.append(known[j])
-            else:
-                block.append(self.mask)
-            pending.append(block[-1] == self.mask and pos < end)
-        node.state.new_block(block_start, block, pending)
-        node.phase = "denoise"
-
-    def _plan(self, node: _Node):
-        """(row request, [(logits offset, absolute position revealable this step)])."""
-        st, bs = node.state, self.bs
-        if node.phase == "prefill":
-            ctx = self.c.requests[node.requests[0]][0]
-            scores = st.block_start == len(ctx)
-            req = RowRequest(Kind.PREFILL, st.slot, 0, torch.tensor(ctx[:st.block_start]),
-                             logits_at=[st.block_start - 1] if scores else [])
-            return req, ([(0, st.block_start)] if scores else [])
-        if node.phase == "commit":
-            return self.engine.commit_request(st), [(0, st.block_start + bs)]
-        r = st.current_sub() * self.sub_size
-        offsets = [r + j for j in range(self.sub_size) if st.pending[r + j]]
-        if self.reveal == "one":
-            offsets = offsets[:1]                  # project only the row this step reads
-        req = self.engine.denoise_request(st, targets=offsets)
-        return req, [(k, st.block_start + off) for k, off in enumerate(offsets)]
-
-    # ---- advancing ---------------------------------------------------------------------------------------
-    def _advance(self, node: _Node, req: RowRequest, positions, picks) -> list[_Node]:
-        st = node.state
-        if not positions:                       # a prefill that scores nothing (context ends mid-block)
-            self._open_block(node, st.block_start, [])
-            return [node]
-        if req.kind in (Kind.FULL, Kind.SUB):
-            self.engine.after_denoise(st, req.kind)
-        first = positions[0][1]
-        revealed = {i: [] for i in node.requests}
-        for i, pos, logp, greedy in picks:
-            if pos == first or logp > self.log_threshold:
-                self.c.ll[i] += logp
-                self.c.greedy[i] &= greedy
-                self.c.tokens_scored += 1
-                revealed[i].append((pos, self.c.token_at(i, pos)))
-        children: "OrderedDict[tuple, list[int]]" = OrderedDict()
-        for i in node.requests:
-            key = tuple(revealed[i])
-            shown = {p for p, _ in key}
-            if not all(p in shown for p in range(first, self.c.end(i))):
-                children.setdefault(key, []).append(i)
-        if not children:
-            self.caches.release(st.slot)
-            return []
-        keep = st.block_start + (self.bs if req.kind is Kind.COMMIT else 0)
-        out = []
-        for n, (key, members) in enumerate(children.items()):
-            child = node if n == 0 else self._fork(node, keep)
-            child.requests = members
-            out.append((child, key))
-        for child, key in out:
-            self._reveal(child, req.kind, key)
-        return [child for child, _ in out]
-
-    def _fork(self, node: _Node, prefix_len: int) -> _Node:
-        st = node.state
-        slot = self.caches.alloc()
-        self.caches.fork(st.slot, slot, prefix_len)
-        twin = self.engine.new_state(slot, st.block_start)
-        twin.block, twin.pending = list(st.block), list(st.pending)
-        twin.sub, twin.step, twin.block_cache_valid = st.sub, st.step, st.block_cache_valid
-        return _Node(list(node.requests), twin, node.phase)
-
-    def _reveal(self, node: _Node, kind: Kind, key) -> None:
-        st = node.state
-        if kind in (Kind.PREFILL, Kind.COMMIT):
-            start = st.block_start + (self.bs if kind is Kind.COMMIT else 0)
-            self._open_block(node, start, [tok for _, tok in key])
+    def _score_backing_off(self, requests, ids, ll, greedy, stats):
+        try:
+            self._score_chunk(requests, ids, ll, greedy, stats)
             return
-        for pos, tok in key:
-            st.block[pos - st.block_start] = tok
-            st.pending[pos - st.block_start] = False
-        end = max(self.c.end(i) for i in node.requests)
-        for j in range(self.bs):
-            if st.block_start + j >= end:
-                st.pending[j] = False
-        if st.current_sub() is None:
-            node.phase = "commit"
+        except torch.cuda.OutOfMemoryError:
+            if len(ids) == 1:
+                raise
+        # outside the except block: the failed attempt's frames (and their tensors) are gone now
+        self.rt.release_caches()
+        half = len(ids) // 2
+        if not any(n.startswith(BACKED_OFF) for n in stats.notes):     # once per call
+            log.warning("scoring %d requests at once did not fit in GPU memory; retrying in smaller chunks "
+                        "(%d, then smaller if needed)", len(ids), half)
+            stats.notes.append(f"{BACKED_OFF} from {len(ids)} requests after running out of GPU memory")
+        self._score_backing_off(requests, ids[:half], ll, greedy, stats)
+        self._score_backing_off(requests, ids[half:], ll, greedy, stats)
+
+    def _score_chunk(self, requests, ids, ll, greedy, stats):
+        cfg, ids_tok = self.cfg, self.rt.token_ids
+        sub = [requests[i] for i in ids]
+        chunk = ScoreChunk(sub, [0.0] * len(sub), [True] * len(sub))
+        max_len = max(len(c) + len(x) for c, x in sub) + 2 * cfg.block_size
+        caches, runner = self.rt.pool.start_call(len(sub) + 1, max_len, self.plan,
+                                                 CallStats(num_layers=self.num_layers))
+        if cfg.scoring == "trajectory":
+            planner = StepPlanner(ids_tok.mask, block_size=cfg.block_size, sub_block_size=cfg.sub_block_size,
+                                  use_block_cache=cfg.use_block_cache, plan=self.plan)
+            TrajectoryScorer(runner, planner, caches, reveal=cfg.reveal, threshold=cfg.threshold).run(chunk)
+        else:
+            FirstTokenScorer(runner, caches, mask_id=ids_tok.mask, stop_id=ids_tok.stop,
+                             block_size=cfg.block_size).run(chunk)
+        part = runner.finish()
+        part.requests = 0
+        part.continuation_tokens_scored = chunk.tokens_scored
+        stats.merge(part)
+        for k, i in enumerate(ids):
+            ll[i] = chunk.ll[k]
+            greedy[i] = chunk.greedy[k]
 
 
-class FirstTokenScorer:
-    """The original evaluation (spec §4.2), batched: shared prefixes prefilled once, identical inputs once."""
-
-    def __init__(self, engine, caches, *, mask_id, stop_id, block_size):
-        self.engine, self.caches = engine, caches
-        self.mask, self.stop, self.bs = mask_id, stop_id, block_size
-
-    def original_input(self, ctx, cont) -> list[int]:
-        seq = list(ctx) + list(cont)
-        n = len(seq)
-        x = seq + [self.mask] * ((n // self.bs + 1) * self.bs - n)
-        x[len(ctx)] = self.mask
-        x[n] = self.stop
-        return x
-
-    def run(self, chunk: _Chunk) -> None:
-        bs = self.bs
-        prefixes: "OrderedDict[tuple, int]" = OrderedDict()     # prefix -> slot
-        rows: "OrderedDict[tuple, list[int]]" = OrderedDict()   # (prefix, last block) -> requests
-        for i, (ctx, cont) in enumerate(chunk.requests):
-            x = self.original_input(ctx, cont)
-            b = (len(ctx) - 1) // bs
-            key = (tuple(x[:b * bs]), tuple(x[b * bs:(b + 1) * bs]))
-            rows.setdefault(key, []).append(i)
-            if key[0] and key[0] not in prefixes:
-                prefixes[key[0]] = self.caches.alloc()
-        if prefixes:
-            self.engine.run([RowRequest(Kind.PREFILL, slot, 0, torch.tensor(p)) for p, slot in prefixes.items()])
-        scratch = self.caches.alloc() if any(not k[0] for k in rows) else None
-        reqs, pairs = [], []
-        for (prefix, block), members in rows.items():
-            at = len(chunk.requests[members[0]][0]) - 1 - len(prefix)
-            slot = prefixes[prefix] if prefix else scratch
-            reqs.append(RowRequest(Kind.PLAIN, slot, len(prefix), torch.tensor(block), logits_at=[at]))
-        logits, batch = self.engine.run(reqs)
-        for (_, members), (_, lo, _) in zip(rows.items(), batch.logits_rows):
-            for i in members:
-                pairs.append((lo, chunk.requests[i][1][0]))
-        logp, argmax = _gather_logp(logits, pairs, self.engine.model.ops)
-        k = 0
-        for members in rows.values():
-            for i in members:
-                chunk.ll[i] = logp[k]
-                chunk.greedy[i] = argmax[k] and len(chunk.requests[i][1]) == 1
-                chunk.tokens_scored += 1
-                k += 1
-        for slot in prefixes.values():
-            self.caches.release(slot)
-        if scratch is not None:
-            self.caches.release(scratch)
+def rolling_windows(tokens: list[int], prefix_token: int, max_len: int):
+    """Disjoint (context, continuation) windows covering ``tokens`` (lm-eval's rolling-window rule with
+    context length 1): every token is predicted once, with as much context as fits in ``max_len``."""
+    if not tokens:
+        return []
+    out = []
+    first = min(max_len, len(tokens))
+    out.append(([prefix_token], tokens[:first]))
+    done = first
+    while done < len(tokens):
+        n = min(len(tokens) - done, max_len)
+        end = done + n
+        ctx = tokens[max(end - max_len - 1, 0):end - 1]
+        out.append((ctx[:len(ctx) - (n - 1)], tokens[end - n:end]))
+        done = end
+    return out

@@ -1,4 +1,4 @@
-"""Counters every sampling and scoring call returns (contract §3).
+"""Counters every sampling and scoring call returns (docs/design.md, Counters).
 
 Forward counts are kept two ways: ``forwards[kind]`` counts forward calls that contained rows of that kind
 (at batch 1, one per call), ``row_forwards[kind]`` counts rows. Layer evaluations are per row-forward:

@@ -11,8 +11,8 @@ import pytest  # noqa: E402
 
 from tests.helpers.checkpoints import make_checkpoint  # noqa: E402
 
-# What the original code computed on a tiny checkpoint: the workplace's ../shared/oracle beside the checkout, or
-# FASTDLLM_ORACLE_DIR (its 4.4 MB checkpoint is not copied into the repository).
+# What the original code computed on a tiny checkpoint: FASTDLLM_ORACLE_DIR, else an ``oracle`` folder in a
+# ``shared`` folder beside the checkout (its checkpoint is not copied into the repository).
 ORACLE_DIR = os.environ.get("FASTDLLM_ORACLE_DIR") or os.path.join(os.path.dirname(__file__), "..", "..", "shared",
                                                                    "oracle")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,8 +31,8 @@ def tiny_tied(tmp_path_factory):
 @pytest.fixture(scope="session", autouse=True)
 def _runtime_on_the_cpu_unless_asked():
     """The runtime tests compare with fp32 references computed on the CPU, so a runtime loaded without a
-    device runs there too - also on a machine with a GPU, where the library's default (cuda, bf16) made 40 of
-    them fail against their 1e-5 references (device run 55, session 7). Tests meant for the GPU pass
+    device runs there too - also on a machine with a GPU, where the library's default (cuda, bf16) would fail
+    their 1e-5 references. Tests meant for the GPU pass
     ``device=`` explicitly (the kernel tests and tests/rt/test_triton_backend.py do)."""
     import fastdllm_rt.loader as loader
 

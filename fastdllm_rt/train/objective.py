@@ -1,4 +1,4 @@
-"""The Fast-dLLM v2 training objective (spec §2.1).
+"""The Fast-dLLM v2 training objective.
 
 Per 32-token block a noise level ``t ~ U(0,1)`` gives ``p = (1 - eps) t + eps``; response tokens are masked with
 probability ``p``; a complementary copy masks exactly the other response tokens; both copies are concatenated
@@ -41,13 +41,13 @@ def complementary_noise(x0, response, mask_id: int, block_size: int, eps: float 
 
 def diffusion_loss(model, x0, response, mask_id: int, generator=None):
     """One training loss evaluation on a batch of clean sequences."""
-    bs = model.config.bd_size
+    block_size = model.block_size
     B, L = x0.shape
-    assert L % bs == 0, f"sequence length {L} must be a multiple of the block size {bs}"
-    xt, labels = complementary_noise(x0, response, mask_id, bs, generator=generator)
+    assert L % block_size == 0, f"sequence length {L} must be a multiple of the block size {block_size}"
+    xt, labels = complementary_noise(x0, response, mask_id, block_size, generator=generator)
     inputs = torch.cat([xt, x0.repeat(2, 1)], dim=1)
     positions = torch.arange(L, device=x0.device).repeat(2)[None]
-    allowed = training_mask(L, bs, x0.device)[None]
+    allowed = training_mask(L, block_size, x0.device)[None]
     logits = model.forward_dense(inputs, positions, allowed, logits_slice=slice(0, L))
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                            ignore_index=IGNORE)

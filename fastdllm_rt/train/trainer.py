@@ -18,11 +18,12 @@ import torch
 
 from ..config import ModelConfig
 from ..model import FastDLLM
-from ..ops import TorchOps
+from ..torch_backend import TorchBackend
 from ..tokenizer import Tokenizer
 from ..weights import save_checkpoint
+from .evaluate import evaluate
 from .objective import diffusion_loss
-from .synthetic import split, training_stream
+from .synthetic import training_stream
 from .tokenizer import build_tokenizer
 
 
@@ -73,7 +74,7 @@ def build(cfg: TrainConfig, tok: Tokenizer) -> FastDLLM:
                      tie_word_embeddings=True, bd_size=32, eos_token_id=tok.eos_token_id,
                      pad_token_id=tok.pad_token_id, bos_token_id=tok.pad_token_id)
     torch.manual_seed(cfg.seed)
-    model = FastDLLM(mc, TorchOps())
+    model = FastDLLM(mc, TorchBackend())
     _init_(model, cfg.layers)
     return model
 
@@ -108,28 +109,6 @@ class Batches:
         if device.type == "cuda":
             x, resp = x.pin_memory(), resp.pin_memory()
         return x.to(device, non_blocking=True), resp.to(device, non_blocking=True)
-
-
-def evaluate(model: FastDLLM, tok: Tokenizer, n: int, seed: int = 1) -> dict:
-    """Held-out accuracy of the model as it stands (greedy, threshold 0.9, block cache on)."""
-    from ..config import resolve_token_ids
-    from ..runtime import Runtime
-
-    model.eval()
-    rt = Runtime(model, tokenizer=tok, token_ids=resolve_token_ids(model.config, tok), folder="(training)",
-                 backend="torch")
-    arith = split("arith", seed, n, held_out=True)
-    out = rt.generate([tok.encode(e["prompt"]) for e in arith], max_new_tokens=48, threshold=0.9,
-                      stop_strings=["\n\n", "Question:"])
-    correct = sum(text.strip().split("####")[-1].strip() == e["target"] for text, e in zip(out.texts, arith))
-    mc = split("mc_letter", seed, n, held_out=True)
-    letters = [tok.encode(" " + c)[0] for c in "ABCD"]
-    res = rt.score([(tok.encode(e["prompt"]), [letters[k]]) for e in mc for k in range(4)])
-    ll = res.loglikelihoods
-    mc_correct = sum(max(range(4), key=lambda k: ll[4 * i + k]) == e["gold"] for i, e in enumerate(mc))
-    model.train()
-    return {"arith_exact_match": correct / n, "mc_letter_acc": mc_correct / n, "examples": n,
-            "arith_tokens_per_forward": out.stats.tokens_generated / max(out.stats.total_row_forwards, 1)}
 
 
 def train(cfg: TrainConfig, argv=None) -> dict:

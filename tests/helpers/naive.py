@@ -1,4 +1,4 @@
-"""An independent reference, written from the spec for the tests: a from-scratch Qwen2 forward in plain
+"""An independent reference, written from the algorithm's description (docs/design.md) for the tests: a from-scratch Qwen2 forward in plain
 PyTorch (HF tensor names, no fusion, no caches) plus step-by-step versions of the algorithms.
 
 Nothing here imports fastdllm_rt: it reads config.json and the safetensors directly."""
@@ -62,14 +62,14 @@ class NaiveQwen:
 
     # ---- forward kinds, by definition -------------------------------------------------------------------
     def plain(self, ids):
-        """Block-causal forward over absolute positions 0..n-1 (spec §2.2)."""
+        """Block-causal forward over absolute positions 0..n-1."""
         n = len(ids)
         pos = torch.arange(n)
         allowed = (pos[:, None] // self.bs) >= (pos[None, :] // self.bs)
         return self.forward(ids, pos, lambda l, k, v: (k, v, allowed))
 
     def sub_block(self, prefix_ids, stale_block_kv, sub_ids, r):
-        """Sub-block forward (spec §2.4): 8 queries at block offset r; keys = prefix K/V + the block's K/V where
+        """Sub-block forward: 8 queries at block offset r; keys = prefix K/V + the block's K/V where
         positions [r, r+8) are fresh and the other positions are ``stale_block_kv`` (per layer)."""
         P = len(prefix_ids)
         _, prefix_kv = self.plain(prefix_ids) if P else (None, None)
@@ -86,13 +86,13 @@ class NaiveQwen:
 
 
 def shift(logits):
-    """Right-shift along the sequence, duplicating index 0 (spec §2.0)."""
+    """Right-shift along the sequence, duplicating index 0."""
     return torch.cat([logits[:1], logits[:-1]], 0)
 
 
 def reference_generate(m: NaiveQwen, prompt, num_blocks, threshold, use_block_cache, mask, stop,
                        trace=None):
-    """Batch-1 greedy block-diffusion generation written step by step from spec §3.2, with the 32-token
+    """Batch-1 greedy block-diffusion generation written step by step from the original algorithm, with the 32-token
     prompt fixed (prefill whenever the prompt holds a whole block). Every forward is recomputed from scratch
     (plain forward of prefix + block, or the sub-block definition). Returns (generated tokens cut after the
     first stop, forward counts)."""
@@ -159,7 +159,7 @@ def brute_force_chain_rule(m: NaiveQwen, ctx, cont, mask):
 
 
 def original_first_token(m: NaiveQwen, ctx, cont, mask, eos):
-    """The original evaluation's log-likelihood (spec §4.2)."""
+    """The original evaluation's log-likelihood."""
     seq = list(ctx) + list(cont)
     n = len(seq)
     x = seq + [mask] * ((n // m.bs + 1) * m.bs - n)

@@ -3,9 +3,9 @@ software-pipelined - loads issued as asynchronous copies into shared memory, sev
 
 A weight- or KV-streaming kernel lives on that pipelining: without it each loop iteration waits a memory latency.
 It is lost silently - an atomic or a nested loop inside the loop body, or a load whose address Triton cannot
-follow, makes the compiler leave the loop as it is, and the kernel still computes the right numbers (device runs
-61-63: a persistent linear whose loop held atomics compiled with no asynchronous copy; session 5's one-loop
-decode attention, bench/RESULTS.md). The launch is captured from the kernel's own Python wrapper, called on CPU
+follow, makes the compiler leave the loop as it is, and the kernel still computes the right numbers (a persistent
+linear whose loop held atomics compiled with no asynchronous copy, and so did a one-loop decode attention).
+The launch is captured from the kernel's own Python wrapper, called on CPU
 tensors of the real shapes, and compiled with what a GPU launch would specialise: 16-byte aligned pointers,
 integer arguments equal to 1 as constants, multiples of 16 marked so.
 

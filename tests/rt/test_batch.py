@@ -14,7 +14,7 @@ def test_pack_batch_lays_out_tokens_positions_slots_logits_and_group_metadata():
             RowRequest(Kind.SUB, 2, 40, torch.arange(8), logits_at=[1])]
     p = pack_batch(reqs, 32)
     # groups in kind order: FULL, SUB computing, SUB skipping; the caller's order within a group
-    assert [(k, skip, lo, hi, members, lens) for k, skip, lo, hi, members, lens, _ in p.layout] == [
+    assert [(g.kind, g.skip, g.tok_lo, g.tok_hi, g.members, g.lens) for g in p.layout] == [
         (Kind.FULL, False, 0, 32, [1], [32]), (Kind.SUB, False, 32, 40, [2], [8]), (Kind.SUB, True, 40, 48, [0], [8])]
     T = p.T
     assert T == 48 and p.host.dtype == torch.long
@@ -34,7 +34,7 @@ def test_a_rebound_batch_computes_what_a_fresh_upload_computes(tiny_untied):
     """The graph path copies a new packing into the captured buffer and rebinds the captured batch: with the
     requests in another order (same signature) the forward and the logits rows must equal a fresh upload's."""
     rt = fastdllm_rt.load(tiny_untied, **TINY_IDS)
-    caches = rt.new_caches(4, 256, None)
+    caches = rt.pool.acquire(4, 256, None)
     a, b = caches.alloc(), caches.alloc()
     for sl in (a, b):
         rt.model(build_batch([RowRequest(Kind.PREFILL, sl, 0, torch.randint(0, 500, (64,)))], rt.device, 32), caches)
@@ -57,4 +57,4 @@ def test_a_rebound_batch_computes_what_a_fresh_upload_computes(tiny_untied):
     fresh = build_batch(second_reqs, rt.device, 32)
     assert rebound.logits_rows == fresh.logits_rows == [(0, 2, 5), (1, 0, 2)]
     assert [g.rows for g in rebound.groups] == [g.rows for g in fresh.groups] == [[1], [0]]
-    assert torch.equal(rt.model(rebound, caches), rt.model(fresh, caches))
+    assert torch.equal(rt.model(rebound, caches).logits, rt.model(fresh, caches).logits)

@@ -1,4 +1,4 @@
-"""Contract §3: every call returns counters, and they add up."""
+"""Every call returns counters, and they add up (docs/design.md, Counters)."""
 import pytest
 import torch
 

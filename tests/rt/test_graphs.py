@@ -34,7 +34,7 @@ def test_one_off_layouts_take_no_graph_and_their_sightings_are_bounded():
 
 def test_a_later_call_gets_graphs_when_an_earlier_one_filled_the_budget():
     # a batch of 32 fills the budget; a later batch-1 call's full / sub / commit steps must still get graphs
-    # (the fixed budget before left them eager: 67.7 instead of 159 tokens/s, device run 90)
+    # (a budget that keeps whatever came first leaves every step of the later call eager)
     s = CaptureSchedule(max_graphs=32)
     for sig in range(40):
         _step(s, ("b32", sig))
@@ -52,7 +52,7 @@ def test_a_later_call_gets_graphs_when_an_earlier_one_filled_the_budget():
 def test_a_call_cycling_through_more_layouts_than_the_budget_does_not_recapture():
     # a block's steps pass through more layouts than the budget holds, again and again within one call: the
     # held graphs stay (the extra layouts run eagerly) - evicting the least recently used would recapture at
-    # every step of the cycle (929 instead of 1414-1527 tokens/s at batch 32, device run 91)
+    # every step of the cycle
     s = CaptureSchedule(max_graphs=32)
     cycle = [("step", i) for i in range(34)]
     first = [_step(s, sig) for _ in range(8) for sig in cycle]
@@ -108,8 +108,8 @@ def test_generations_stay_exact_while_graphs_are_evicted(tmp_path):
     batches = [[torch.randint(0, 500, (n,), generator=g).tolist() for n in lens] for lens in ((70, 9), (40,))]
     want = [ref.generate(p, max_new_tokens=48, use_block_cache=True) for p in batches]
     assert tri.generate(batches[0], max_new_tokens=48, use_block_cache=True).tokens == want[0].tokens
-    caches = tri._caches                                 # pooled: the calls below reuse them and their runner
-    (runner,) = caches._runners.values()
+    caches = tri.pool.caches                             # pooled: the calls below reuse them and their runner
+    (runner,) = tri.pool.runners.values()
     runner.schedule.max_graphs = 2                       # far fewer than the layouts these calls pass through,
     runner.schedule.keep_calls = 1                       # and any graph not replayed in this call may go
     captures = runner.captures
@@ -117,5 +117,5 @@ def test_generations_stay_exact_while_graphs_are_evicted(tmp_path):
         for prompts, expect in zip(batches, want):
             got = tri.generate(prompts, max_new_tokens=48, use_block_cache=True)
             assert got.tokens == expect.tokens
-    assert tri._caches is caches and len(runner.graphs) <= 2
+    assert tri.pool.caches is caches and len(runner.graphs) <= 2
     assert runner.captures > captures and runner.replays > 0        # graphs were evicted, recaptured, replayed

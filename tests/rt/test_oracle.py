@@ -1,5 +1,5 @@
-"""The runtime against what the ORIGINAL code computed on the oracle checkpoint (../shared/oracle beside the
-checkout; FASTDLLM_ORACLE_DIR points elsewhere, e.g. at outputs on other inputs)."""
+"""The runtime against what the ORIGINAL code computed on the oracle checkpoint (the ``oracle``
+folder beside the checkout, or FASTDLLM_ORACLE_DIR; see tests/conftest.py)."""
 import json
 import os
 
@@ -33,7 +33,7 @@ def _as_original_counts(stats):
 
 
 def _budget(case):
-    """The original's block-count budget: blocks of 32 plus the commit's next token (spec §3.2 step 1)."""
+    """The original's block-count budget: blocks of 32 plus the commit's next token."""
     P = len(case["prompt"])
     blocks = case["max_new_tokens"] // 32 + P // 32
     return blocks * 32 - P + 1

@@ -1,10 +1,11 @@
-"""Layer-output reuse (contract §2): schedule, semantics, real skipping, validation."""
+"""Layer-output reuse (docs/design.md, Reuse policy): schedule, semantics, real skipping, validation."""
 import pytest
 import torch
 
 import fastdllm_rt
 from fastdllm_rt import PolicyError, ReusePolicy
 from tests.helpers.checkpoints import TINY_IDS
+from tests.helpers.forwards import counting_forwards
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +45,9 @@ def test_k1_is_bit_identical_to_no_policy(rt):
 @pytest.mark.parametrize("subset", ["first", "middle", "last"])
 @pytest.mark.parametrize("k", [2, 3])
 def test_output_mode_skipped_step_replays_the_previous_steps_logits_bit_for_bit(rt, subset, k):
-    """Spec §5.4: with a contiguous range in `output` mode a skipped step is an exact replay of the previous
+    """With a contiguous range in `output` mode a skipped step is an exact replay of the previous
     step's logits at the same absolute positions. Row 0 of a sub-block window is the own-position slot (its
-    source lies outside the window, spec §2.0), never used for a masked position, so it is not compared."""
+    source lies outside the window), never used for a masked position, so it is not compared."""
     seen, trace = _trace()
     rt.generate(PROMPTS[:1], max_new_tokens=70, reuse=ReusePolicy(subset, k=k), trace=trace)
     replays = 0
@@ -120,12 +121,12 @@ def test_a_run_of_skipped_layers_reads_the_reuse_cache_once_in_output_mode(rt, m
     (lambda: ReusePolicy("first", k=2), False, "needs use_block_cache=True"),
 ])
 def test_bad_policies_fail_before_any_model_work(rt, policy, use_block_cache, words):
-    rt.model.reset_counters()
-    with pytest.raises(PolicyError, match=words):
-        rt.generate(PROMPTS, max_new_tokens=8, reuse=policy(), use_block_cache=use_block_cache)
-    with pytest.raises(PolicyError, match=words):
-        rt.score([(PROMPTS[0], [1, 2, 3])], reuse=policy(), use_block_cache=use_block_cache)
-    assert sum(rt.model.layer_rows_computed) == 0
+    with counting_forwards(rt.model) as forwards:
+        with pytest.raises(PolicyError, match=words):
+            rt.generate(PROMPTS, max_new_tokens=8, reuse=policy(), use_block_cache=use_block_cache)
+        with pytest.raises(PolicyError, match=words):
+            rt.score([(PROMPTS[0], [1, 2, 3])], reuse=policy(), use_block_cache=use_block_cache)
+    assert not forwards
 
 
 def test_reuse_caches_are_per_row_a_batch_equals_its_rows_alone(rt):

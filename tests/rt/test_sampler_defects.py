@@ -1,4 +1,4 @@
-"""One regression test per defect of the original sampler that contract §5 fixes."""
+"""One regression test per defect of the original sampler that we fix (docs/design.md, Sampling)."""
 import pytest
 import torch
 
@@ -18,7 +18,7 @@ def _p(n, seed):
 
 
 def test_a_prompt_of_exactly_32_tokens_is_used(rt, tiny28):
-    """Original defect (spec §3.5.1): prefill ran only for prompts longer than 32, so a 32-token prompt was
+    """Original defect: prefill ran only for prompts longer than 32, so a 32-token prompt was
     ignored and two different 32-token prompts gave identical continuations."""
     a, b = _p(32, 1), _p(32, 2)
     out = rt.generate([a, b], max_new_tokens=33, threshold=1.0, use_block_cache=False)
@@ -30,7 +30,7 @@ def test_a_prompt_of_exactly_32_tokens_is_used(rt, tiny28):
 
 @pytest.mark.parametrize("use_block_cache", [False, True])
 def test_every_row_predicts_its_first_token_from_its_own_prompt(rt, use_block_cache):
-    """Original defect (spec §3.5.2): a row whose length is a multiple of 32, not the minimum and shorter
+    """Original defect: a row whose length is a multiple of 32, not the minimum and shorter
     than another row (lengths 40, 64, 70) never got its AR next token and diverged from its solo run."""
     prompts = [_p(40, 3), _p(64, 4), _p(70, 5)]
     batch = rt.generate(prompts, max_new_tokens=40, use_block_cache=use_block_cache)
@@ -41,7 +41,7 @@ def test_every_row_predicts_its_first_token_from_its_own_prompt(rt, use_block_ca
 
 
 def test_temperature_sampling_draws_each_row_from_its_own_distribution(rt):
-    """Original defect (spec §3.3): with temperature > 0 every row received row 0's samples. At a tiny
+    """Original defect: with temperature > 0 every row received row 0's samples. At a tiny
     temperature sampling is deterministic, so each row in a batch must equal the same prompt run alone."""
     prompts = [_p(20, 6), _p(45, 7)]
     kw = dict(max_new_tokens=30, temperature=1e-4, top_p=0.95, use_block_cache=False)
@@ -68,7 +68,7 @@ def worded(tmp_path_factory):
 
 
 def test_stop_strings_end_a_generation(worded):
-    """Original defect (spec §4.1.4): lm-eval's `until` strings were ignored."""
+    """Original defect: lm-eval's `until` strings were ignored."""
     p = _p(21, 10)
     free = worded.generate([p], max_new_tokens=60)
     toks = free.tokens[0]
@@ -84,7 +84,7 @@ def test_stop_strings_end_a_generation(worded):
 
 
 def test_generated_token_counts_exclude_padding_and_masks(rt):
-    """Original defect (spec §4.1.5): tokens after the stop (padding) were counted as generated."""
+    """Original defect: tokens after the stop (padding) were counted as generated."""
     prompts = [_p(n, 20 + n) for n in (5, 33, 64, 90)]
     out = rt.generate(prompts, max_new_tokens=64)
     ids = rt.token_ids

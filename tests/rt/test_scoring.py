@@ -1,4 +1,4 @@
-"""Trajectory scoring and first_token scoring (contract §4, issue 3 acceptance 4)."""
+"""Trajectory scoring and first_token scoring (docs/design.md, Trajectory scoring)."""
 import itertools
 
 import pytest
@@ -6,8 +6,9 @@ import torch
 
 import fastdllm_rt
 from fastdllm_rt import ReusePolicy
-from fastdllm_rt.runtime import rolling_windows
+from fastdllm_rt.scorer import Scorer, rolling_windows
 from tests.helpers.checkpoints import TINY_IDS
+from tests.helpers.forwards import counting_forwards
 from tests.helpers.naive import NaiveQwen, brute_force_chain_rule, original_first_token
 
 
@@ -43,7 +44,7 @@ def test_first_token_equals_the_original_evaluation(pair):
 
 
 def test_first_token_leaks_the_continuation_tail_as_the_original_does(pair):
-    """Spec §4.2 weakness, reproduced on purpose: with the prefix at length 20 the tail is visible."""
+    """The original evaluation's weakness, reproduced on purpose: with the prefix at length 20 the tail is visible."""
     rt, _ = pair
     ctx = _r(20, 1)
     a, b = rt.score([(ctx, [5, 6, 7]), (ctx, [5, 9, 9])], scoring="first_token").loglikelihoods
@@ -140,10 +141,9 @@ def test_score_rolling_sums_its_windows(pair):
 ])
 def test_bad_scoring_requests_are_rejected_before_model_work(pair, req, words):
     rt, _ = pair
-    rt.model.reset_counters()
-    with pytest.raises(fastdllm_rt.InputError, match=words):
+    with counting_forwards(rt.model) as forwards, pytest.raises(fastdllm_rt.InputError, match=words):
         rt.score([req])
-    assert sum(rt.model.layer_rows_computed) == 0
+    assert not forwards
 
 
 def test_first_token_refuses_a_reuse_policy(pair):
@@ -154,18 +154,18 @@ def test_first_token_refuses_a_reuse_policy(pair):
 
 @pytest.mark.parametrize("scoring", ["trajectory", "first_token"])
 def test_a_chunk_that_runs_out_of_memory_is_retried_smaller_and_logged_once(pair, scoring, monkeypatch, caplog):
-    """Issue 8 acceptance 4: the OOM is simulated (CPU has none): any chunk of more than 4 requests fails."""
+    """The OOM is simulated (CPU has none): any chunk of more than 4 requests fails."""
     rt, _ = pair
     want = rt.score(REQUESTS, scoring=scoring, batch_size=64)
-    real, sizes, released = rt._score_ids, [], []
+    real, sizes, released = Scorer._score_chunk, [], []
 
-    def flaky(requests, ids, *a, **kw):
+    def flaky(self, requests, ids, *a, **kw):
         sizes.append(len(ids))
         if len(ids) > 4:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(requests, ids, *a, **kw)
+        return real(self, requests, ids, *a, **kw)
 
-    monkeypatch.setattr(rt, "_score_ids", flaky)
+    monkeypatch.setattr(Scorer, "_score_chunk", flaky)
     monkeypatch.setattr(rt, "release_caches", lambda: released.append(True))
     with caplog.at_level("WARNING", logger="fastdllm_rt"):
         got = rt.score(REQUESTS, scoring=scoring, batch_size=64)

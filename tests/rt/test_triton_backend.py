@@ -39,11 +39,11 @@ def test_every_forward_kind_matches_the_torch_backend(pair):
     prompts = [torch.randint(0, 500, (n,), generator=g) for n in (70, 33, 96)]
     outs = []
     for rt in (ref, tri):
-        caches = rt.new_caches(4, 256, None)
+        caches = rt.pool.acquire(4, 256, None)
         got = []
         slots = [caches.alloc() for _ in prompts]
         whole = [len(p) - len(p) % 32 for p in prompts]
-        run = lambda reqs: rt.model(build_batch(reqs, rt.device, 32), caches)  # noqa: E731
+        run = lambda reqs: rt.model(build_batch(reqs, rt.device, 32), caches).logits  # noqa: E731
         got.append(run([RowRequest(Kind.PLAIN, s, 0, p, logits_at=list(range(len(p)))) for s, p in zip(slots, prompts)]))
         got.append(run([RowRequest(Kind.PREFILL, s, 0, p[:w], logits_at=[w - 1]) for s, p, w in zip(slots, prompts, whole)]))
         blocks = [torch.cat([p[w:], torch.full((32 - (len(p) - w),), 511)]) if len(p) > w else p[w - 32:w]
@@ -88,7 +88,7 @@ def test_scores_and_reuse_match_the_torch_backend(pair):
 
 
 def test_folded_norm_gains_give_the_same_model(pair):
-    """The triton backend folds every layer's RMSNorm gains into its QKV and gate/up weights (adopt): the
+    """The triton backend folds every layer's RMSNorm gains into its QKV and gate/up weights (``fold_norm_gains``, which the loader runs for it): the
     gains become ones and the weights W * g. Folding the torch backend's model the same way leaves its logits
     unchanged (fp32, within 1e-4 - the GPU's matmuls sum in another order), so the triton comparisons above
     test the kernels, not the fold."""
@@ -116,7 +116,7 @@ def test_triton_backend_refuses_unfolded_gains(pair):
     norm = tri.model.layers[0].input_layernorm
     norm.gain_folded = False
     try:
-        with pytest.raises(RuntimeError, match="folded.*adopt"):
+        with pytest.raises(RuntimeError, match="folded.*fold_norm_gains"):
             tri.generate([[1, 2, 3]], max_new_tokens=2)
     finally:
         norm.gain_folded = True

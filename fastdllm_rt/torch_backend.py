@@ -1,25 +1,20 @@
-"""The operations the transformer calls, per backend.
+"""The ``torch`` backend: the transformer in PyTorch, on any device.
 
-``torch`` runs on any device: norms, RoPE and SwiGLU are the PyTorch references that live beside the kernels
-(``fastdllm_kernels.<op>.reference``); attention is ``scaled_dot_product_attention`` over padded rows, with the
-padding and visibility built once per forward and shared by all layers (tests compare it with
-``fastdllm_kernels.attention.reference``). ``triton`` runs the Triton kernels on CUDA. Both expose the same
-methods, so a failure tells at once whether the runtime or a kernel is wrong.
+Norms, RoPE, SwiGLU and the fused linears are the PyTorch references that live beside the kernels
+(``fastdllm_kernels.<op>.reference``), composed as the Hugging Face layer rounds; attention is
+``scaled_dot_product_attention`` over padded rows, with the padding and visibility of every group built once
+per forward (``prepare``) and shared by all layers.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
 
 from fastdllm_kernels.linear.reference import fused_linear_ref
-from fastdllm_kernels.rms_norm.reference import add_rms_norm_ref, rms_norm_ref
 from fastdllm_kernels.rope.reference import rope_ref
 from fastdllm_kernels.select.reference import choice_stats_ref, token_logp_ref
-from fastdllm_kernels.swiglu.reference import swiglu_ref
 
-BACKENDS = ("torch", "triton")
+from .batch import cache_write_ranges
 
 
 class _ExtendPlan:
@@ -58,48 +53,36 @@ class _SubPlan:
         self.mask = None if bool(k_valid.all()) else k_valid[:, None, None, :]
 
 
-class AttnContext:
-    """What every layer's attention needs about one forward, computed once: the groups it covers, token
-    positions and slots, the contiguous token ranges that write the prefix / block caches, and the RoPE
-    values (gathered per token for the PyTorch backend, whole tables for the Triton one)."""
+class TorchAttnContext:
+    """One forward's attention inputs: token positions and slots, the cache write ranges, the RoPE values
+    gathered per token, and each group's padding plan (or the batch's explicit visibility)."""
 
-    def __init__(self, model, batch, groups, T):
+    def __init__(self, model, batch, groups, num_tokens: int, caches):
         self.groups = groups
-        self.T = T
-        self.positions = batch.positions[:T]
-        self.slots = batch.token_slot[:T]
-        self.block_size = model.config.bd_size
-        pre = [g for g in groups if g.kind.writes_prefix]
-        blk = [g for g in groups if g.kind.writes_block]
-        self.prefix_range = (pre[0].tok_lo, pre[-1].tok_hi) if pre else None
-        self.block_range = (blk[0].tok_lo, blk[-1].tok_hi) if blk else None
+        self.caches = caches
+        self.positions = batch.positions[:num_tokens]
+        self.slots = batch.token_slot[:num_tokens]
+        self.block_size = model.block_size
+        self.prefix_range, self.block_range = cache_write_ranges(groups)
+        self.cos, self.sin = model.rope_cos_sin(self.positions)
+        self.visibility = batch.visibility
+        dev = batch.tokens.device
+        if self.visibility is not None:
+            self.plans = [None] * len(groups)
+        else:
+            self.plans = [(_ExtendPlan if g.kind.extends else _SubPlan)(g, self.block_size, dev) for g in groups]
 
 
-class TorchOps:
+class TorchBackend:
     name = "torch"
-
-    def adopt(self, model):
-        """Nothing to prepare: this backend runs the checkpoint's weights as they are."""
-
-    def rms_norm(self, x, weight, eps):
-        return rms_norm_ref(x, weight, eps)
-
-    def add_rms_norm(self, x, residual, weight, eps):
-        return add_rms_norm_ref(x, residual, weight, eps)
-
-    def rope(self, q, k, cos, sin):
-        return rope_ref(q, cos, sin), rope_ref(k, cos, sin)
-
-    def swiglu(self, gate_up):
-        return swiglu_ref(gate_up)
+    supports_cuda_graphs = False      # plans hold host values (lengths, masks) of the batch they were built for
+    folds_norm_gains = False          # runs the checkpoint's weights as they are
 
     def choice_stats(self, logits):
-        """The sampler's greedy confidence, argmax and finiteness, packed [3, N] float64 (the original's
-        softmax-then-max, exactly)."""
+        """The original's softmax-then-max, exactly."""
         return choice_stats_ref(logits)
 
     def token_logp(self, logits, tokens):
-        """The scorer's log p(token), is-argmax and finiteness per row, packed [3, N] float64."""
         return token_logp_ref(logits, tokens)
 
     # the layer's matmuls with what surrounds them, composed exactly as the HF layer rounds (the reference of
@@ -116,10 +99,8 @@ class TorchOps:
     def norm_swiglu(self, x, norm, gate_up_weight):
         return fused_linear_ref(x, gate_up_weight, norm_weight=norm.weight, eps=norm.eps, swiglu=True)
 
-    def prepare(self, model, batch, groups, T) -> AttnContext:
-        ctx = AttnContext(model, batch, groups, T)
-        ctx.cos, ctx.sin = model.rope_cos_sin(ctx.positions)
-        return ctx
+    def prepare(self, model, batch, groups, num_tokens, caches) -> TorchAttnContext:
+        return TorchAttnContext(model, batch, groups, num_tokens, caches)
 
     @staticmethod
     def write_kv(cache_k, cache_v, k, v, slots, index):
@@ -127,10 +108,12 @@ class TorchOps:
         cache_k[slots, :, index] = k.to(cache_k.dtype)
         cache_v[slots, :, index] = v.to(cache_v.dtype)
 
-    def attention(self, qkv, attn, ctx: AttnContext, caches, layer: int):
+    def attention(self, qkv, attn, ctx: TorchAttnContext):
         q, k, v = attn.split_qkv(qkv)
-        scale = attn.scale
+        scale, caches, layer = attn.scale, ctx.caches, attn.layer_index
         q, k = rope_ref(q, ctx.cos, ctx.sin), rope_ref(k, ctx.cos, ctx.sin)
+        if ctx.visibility is not None:
+            return self.masked_attention(q, k, v, ctx.groups[0], ctx.visibility, scale)
         if ctx.prefix_range:
             lo, hi = ctx.prefix_range
             self.write_kv(caches.prefix_k[layer], caches.prefix_v[layer], k[lo:hi], v[lo:hi], ctx.slots[lo:hi],
@@ -140,29 +123,32 @@ class TorchOps:
             self.write_kv(caches.block_k[layer], caches.block_v[layer], k[lo:hi], v[lo:hi], ctx.slots[lo:hi],
                           ctx.positions[lo:hi] % ctx.block_size)
         out = torch.empty_like(q)
-        for g in ctx.groups:
+        for g, plan in zip(ctx.groups, ctx.plans):
             sl = slice(g.tok_lo, g.tok_hi)
             if g.kind.extends:
                 if caches is None:
                     pk = pv = k.new_zeros(1, k.shape[1], 0, k.shape[2])
                 else:
                     pk, pv = caches.prefix_k[layer], caches.prefix_v[layer]
-                out[sl] = self.extend_attention(q[sl], k[sl], v[sl], pk, pv, g, ctx.block_size, scale)
+                out[sl] = self.extend_attention(q[sl], k[sl], v[sl], pk, pv, g, plan, scale)
             else:
                 out[sl] = self.sub_attention(q[sl], caches.prefix_k[layer], caches.prefix_v[layer],
-                                             caches.block_k[layer], caches.block_v[layer], g, scale)
+                                             caches.block_k[layer], caches.block_v[layer], g, plan, scale)
         return out
 
     @staticmethod
-    def _plan(group, kind, block_size, device):
-        plan = getattr(group, "_torch_plan", None)
-        if plan is None:
-            plan = (_ExtendPlan if kind == "extend" else _SubPlan)(group, block_size, device)
-            group._torch_plan = plan
-        return plan
+    def masked_attention(q, k, v, group, visibility, scale):
+        """Equal-length rows under an explicit [rows or 1, n, n] visibility mask (training)."""
+        R, n = group.num_rows, group.lens[0]
+        qp, kp, vp = (t.reshape(R, n, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
+        # expanded K/V heads let SDPA pick its memory-efficient kernel, which takes an arbitrary mask
+        rep = q.shape[1] // k.shape[1]
+        kp, vp = kp.repeat_interleave(rep, dim=1), vp.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=visibility[:, None], scale=scale)
+        return out.transpose(1, 2).reshape(q.shape)
 
-    def extend_attention(self, q, k, v, prefix_k, prefix_v, group, block_size, scale):
-        plan = self._plan(group, "extend", block_size, q.device)
+    @staticmethod
+    def extend_attention(q, k, v, prefix_k, prefix_v, group, plan, scale):
         R = group.num_rows
         if plan.uniform:
             qp, kp, vp = (t.reshape(R, plan.n_max, *t.shape[1:]) for t in (q, k, v))
@@ -176,8 +162,8 @@ class TorchOps:
         out = out.reshape(R * plan.n_max, *q.shape[1:])
         return out if plan.uniform else out[plan.valid]
 
-    def sub_attention(self, q, prefix_k, prefix_v, block_k, block_v, group, scale):
-        plan = self._plan(group, "sub", block_k.shape[2], q.device)
+    @staticmethod
+    def sub_attention(q, prefix_k, prefix_v, block_k, block_v, group, plan, scale):
         R = group.num_rows
         keys = torch.cat([prefix_k[group.slots, :, :plan.p_max], block_k[group.slots]], dim=2).to(q.dtype)
         vals = torch.cat([prefix_v[group.slots, :, :plan.p_max], block_v[group.slots]], dim=2).to(q.dtype)
@@ -185,15 +171,3 @@ class TorchOps:
         out = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=plan.mask, scale=scale, enable_gqa=True)
         return out.transpose(1, 2).reshape(q.shape)
 
-
-def make_ops(backend: str, device: torch.device):
-    if backend == "torch":
-        return TorchOps()
-    if backend == "triton":
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(f"backend='triton' needs a CUDA device, got {device}; use backend='torch' on CPU "
-                             f"(or TRITON_INTERPRET=1 to run the kernels in Triton's interpreter)")
-        from .ops_triton import TritonOps
-
-        return TritonOps()
-    raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")

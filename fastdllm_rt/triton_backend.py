@@ -1,17 +1,16 @@
 """The ``triton`` backend: the transformer in Triton kernels (``fastdllm_kernels``).
 
-``adopt`` folds each layer's RMSNorm gains into the QKV and gate/up weights (``model.fold_norm_gains``): the
-QKV projection then multiplies the raw residual stream and the RoPE kernel, which reads q, k, v anyway,
+It runs models whose RMSNorm gains are folded into the QKV and gate/up weights (``model.fold_norm_gains``, done
+by the loader because ``folds_norm_gains`` is set): the QKV projection then multiplies the raw residual stream and the RoPE kernel, which reads q, k, v anyway,
 scales each token by its input row's 1/rms and adds the bias, so attention needs no RMSNorm kernel; the
 gate/up projection's 1/rms comes from whichever the linear sweep measured fastest for the shape - the fused
-linear's own K loop (every decode shape on the H100), a gain-less norm kernel before it, or the SwiGLU kernel
-after cuBLAS. Decode steps (at most ``fastdllm_kernels.linear.configs.FUSED_MAX_TOKENS`` tokens) are
+linear's own K loop, a gain-less norm kernel before it, or the SwiGLU kernel after cuBLAS. Decode steps (at most ``fastdllm_kernels.linear.configs.FUSED_MAX_TOKENS`` tokens) are
 weight-bound: their four matmuls per layer go through ``fastdllm_kernels.linear.dispatch.linear`` (per shape,
 the strategy measured fastest on the GPU:
 ``fused_linear`` kernels that stream the weight once with SwiGLU and the residual adds in their epilogues,
 or cuBLAS), so a layer is QKV, one RoPE + KV-cache-write kernel, attention (decode kernel for full-block,
 sub-block and commit rows; block-causal kernel for windows that span blocks), O, gate/up (+ SwiGLU), down.
-Where the table says so (``pick_qkv_rope``: on the H100 the 8-token sub-block steps), ``qkv_projection`` only
+Where the tuning table says so (``pick_qkv_rope``, e.g. 8-token sub-block steps), ``qkv_projection`` only
 defers, and ``attention`` runs the QKV projection with the RoPE kernel's work in its epilogue
 (``fastdllm_kernels.linear.qkv_rope``) - one kernel fewer a layer.
 Larger forwards (prefill, scoring) are compute-bound and use cuBLAS with the same RoPE / SwiGLU kernels and
@@ -30,15 +29,10 @@ from fastdllm_kernels.attention.kernel import decode_attention, prefill_attentio
 from fastdllm_kernels.linear.configs import device_name, pick_qkv_rope
 from fastdllm_kernels.linear.dispatch import linear
 from fastdllm_kernels.linear.qkv_rope import qkv_rope_write
-from fastdllm_kernels.rms_norm.kernel import add_rms_norm, rms_norm
 from fastdllm_kernels.rope.kernel import rope_write
-from fastdllm_kernels.rope.reference import rope_ref
 from fastdllm_kernels.select.kernel import choice_stats, token_logp
-from fastdllm_kernels.swiglu.kernel import swiglu
 
-from .batch import Kind
-from .model import fold_norm_gains
-from .ops import AttnContext
+from .batch import Kind, cache_write_ranges
 
 _DEST = {Kind.PLAIN: 0, Kind.PREFILL: 1, Kind.COMMIT: 1, Kind.FULL: 2, Kind.SUB: 2}
 
@@ -57,30 +51,50 @@ class RawQKV(NamedTuple):
 def _require_folded(norm):
     if not norm.gain_folded:
         raise RuntimeError("the triton backend runs models whose RMSNorm gains are folded into the next "
-                           "projection: call model.ops.adopt(model) after loading the weights "
+                           "projection: call fastdllm_rt.model.fold_norm_gains(model) after loading the weights "
                            "(fastdllm_rt.load does)")
 
 
-class TritonOps:
-    name = "triton"
+class TritonAttnContext:
+    """One forward's attention inputs, all on the device: token positions and slots, each token's cache
+    destination (0 none, 1 prefix, 2 block), the RoPE tables, and the kernel to launch per group."""
 
-    def __init__(self):
-        # the interpreter (CPU) runs programs one after another: plan for few of them there
+    def __init__(self, model, batch, groups, num_tokens: int, caches):
+        if batch.visibility is not None:
+            raise ValueError("the triton backend runs block-causal rows only; an explicit visibility mask "
+                             "(training) runs on backend='torch'")
+        dev = batch.tokens.device
+        self.groups, self.caches = groups, caches
+        self.positions = batch.positions[:num_tokens]
+        self.slots = batch.token_slot[:num_tokens]
+        self.block_size = model.block_size
+        self.prefix_range, self.block_range = cache_write_ranges(groups)
+        self.cos_table, self.sin_table = model.rope_tables(dev)
+        self.dest = torch.cat([torch.full((g.tok_hi - g.tok_lo,), _DEST[g.kind], dtype=torch.int32, device=dev)
+                               for g in groups]) if groups else torch.zeros(0, dtype=torch.int32, device=dev)
+        self.launch = []
+        for g in groups:
+            n = g.lens[0]
+            uniform = all(x == n for x in g.lens)
+            if g.kind in (Kind.FULL, Kind.SUB, Kind.COMMIT) and uniform:
+                plen = g.starts + n if g.kind is Kind.COMMIT else g.starts
+                tail = torch.full_like(g.slots, 0 if g.kind is Kind.COMMIT else 1)
+                self.launch.append(("decode", g, (g.slots, plen, tail, g.cu[:-1]), n))
+            else:
+                self.launch.append(("prefill", g, (g.slots, g.starts, g.cu), max(g.lens)))
+
+
+class TritonBackend:
+    name = "triton"
+    folds_norm_gains = True
+
+    def __init__(self, device: torch.device):
+        # CUDA graphs need a GPU; the interpreter (CPU) runs the same code eagerly
+        self.supports_cuda_graphs = device.type == "cuda"
+        # the interpreter runs programs one after another: plan for few of them there
         self._num_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count \
             if torch.cuda.is_available() else 2
         self._dummy = {}
-
-    def adopt(self, model):
-        fold_norm_gains(model)
-
-    def rms_norm(self, x, weight, eps):
-        return rms_norm(x, weight, eps)
-
-    def add_rms_norm(self, x, residual, weight, eps):
-        return add_rms_norm(x, residual, weight, eps)
-
-    def swiglu(self, gate_up):
-        return swiglu(gate_up)
 
     # the layer's matmuls: ``linear`` picks per shape (fused kernels for decode steps, cuBLAS above them)
     def norm_linear(self, x, norm, weight, bias=None, out_dtype=None):
@@ -102,9 +116,6 @@ class TritonOps:
         _require_folded(norm)
         return linear(x, gate_up_weight, row_rms=True, eps=norm.eps, swiglu=True, num_sms=self._num_sms)
 
-    def rope(self, q, k, cos, sin):                 # dense (training/reference) path only
-        return rope_ref(q, cos, sin), rope_ref(k, cos, sin)
-
     def choice_stats(self, logits):
         """The sampler's greedy confidence, argmax and finiteness, packed [3, N] float64: one split pass over
         the vocabulary (kernels/select), not PyTorch's one-SM-per-row softmax."""
@@ -115,23 +126,8 @@ class TritonOps:
         log-sum-exp and argmax from the same split pass)."""
         return token_logp(logits, tokens)
 
-    def prepare(self, model, batch, groups, T) -> AttnContext:
-        ctx = AttnContext(model, batch, groups, T)
-        dev = batch.tokens.device
-        ctx.cos_table, ctx.sin_table = model.rope_tables(dev)
-        ctx.dest = torch.cat([torch.full((g.tok_hi - g.tok_lo,), _DEST[g.kind], dtype=torch.int32, device=dev)
-                              for g in groups]) if groups else torch.zeros(0, dtype=torch.int32, device=dev)
-        ctx.launch = []
-        for g in groups:
-            n = g.lens[0]
-            uniform = all(x == n for x in g.lens)
-            if g.kind in (Kind.FULL, Kind.SUB, Kind.COMMIT) and uniform:
-                plen = g.starts + n if g.kind is Kind.COMMIT else g.starts
-                tail = torch.full_like(g.slots, 0 if g.kind is Kind.COMMIT else 1)
-                ctx.launch.append(("decode", g, (g.slots, plen, tail, g.cu[:-1]), n))
-            else:
-                ctx.launch.append(("prefill", g, (g.slots, g.starts, g.cu), max(g.lens)))
-        return ctx
+    def prepare(self, model, batch, groups, num_tokens, caches) -> TritonAttnContext:
+        return TritonAttnContext(model, batch, groups, num_tokens, caches)
 
     def _dummy_cache(self, like, n_kv_heads: int, head_dim: int):
         """A cache that plain forwards (no cache writes, ``dest`` 0) pass to kernels that take one."""
@@ -140,8 +136,8 @@ class TritonOps:
             self._dummy[key] = torch.zeros(1, n_kv_heads, 32, head_dim, dtype=like.dtype, device=like.device)
         return self._dummy[key]
 
-    def attention(self, qkv: RawQKV, attn, ctx: AttnContext, caches, layer: int):
-        scale = attn.scale
+    def attention(self, qkv: RawQKV, attn, ctx: TritonAttnContext):
+        scale, caches, layer = attn.scale, ctx.caches, attn.layer_index
         if caches is None:
             pk = pv = bk = bv = self._dummy_cache(qkv.norm_input, attn.num_kv_heads, attn.head_dim)
         else:
