@@ -72,7 +72,7 @@ def _evaluate(model_args, tasks, limit, num_fewshot=None, batch_size=16):
     from lm_eval.tasks import TaskManager
 
     from evalbridge import model as bridge
-    from evalbridge.__main__ import TASKS_DIR
+    from evalbridge.catalog import TASKS_DIR
 
     os.environ.update(OFFLINE)
     tm = TaskManager(include_path=TASKS_DIR, include_defaults=False)
