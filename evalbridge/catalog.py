@@ -3,11 +3,12 @@
 lm-eval's ``TaskManager`` takes a list of include paths and does not follow symbolic links while it walks a
 folder, so the folders are passed side by side, never linked under one root. Indexing lm-eval's whole
 catalogue takes tens of seconds on a small CPU, so it is built only when a task is not in the given folders,
-and once per launcher process.
+and once per process.
 """
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 
 from fastdllm_rt.errors import FastDLLMError
@@ -31,28 +32,26 @@ def include_paths(user_path=None) -> list[str]:
     return paths
 
 
+@functools.lru_cache(maxsize=4)
+def _manager(include: tuple, defaults: bool):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(include), include_defaults=defaults)
+
+
 class Catalog:
     """Task lookups over the given include paths, lm-eval's catalogue added only when needed."""
 
     def __init__(self, include=None):
-        self.include = include_paths() if include is None else list(include)
-        self._local = self._full = None
+        self.include = tuple(include_paths() if include is None else include)
 
     @property
     def local(self):
-        if self._local is None:
-            from lm_eval.tasks import TaskManager
-
-            self._local = TaskManager(include_path=self.include, include_defaults=False)
-        return self._local
+        return _manager(self.include, False)
 
     @property
     def full(self):
-        if self._full is None:
-            from lm_eval.tasks import TaskManager
-
-            self._full = TaskManager(include_path=self.include)
-        return self._full
+        return _manager(self.include, True)
 
     def manager_for(self, tasks):
         """The smallest task manager that knows every name in ``tasks``."""
