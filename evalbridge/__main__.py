@@ -1,72 +1,105 @@
-"""Launcher: lm-eval's command line with the ``fast_dllm_v2`` model registered, our local tasks on the task
-path, a gated-dataset check before any model is loaded, and ``--output_dir`` for summary.json.
+"""Launcher: lm-eval's command line with the ``fast_dllm_v2`` model, our local tasks beside lm-eval's, checks
+that stop a run before the model loads (model_args, task names, gated datasets), and summary.json.
 
     python -m evalbridge --model_args model=fastdllm_rt/small_model --tasks synth_arith,synth_mc_letter \\
-        --batch_size 32 --output_dir results/demo
+        --limit 8 --output_dir results/demo
 
-Options of ours (everything else goes to lm-eval unchanged):
-  --output_dir DIR        where summary.json (and lm-eval's own results, unless --output_path) go
-  --config_tag TAG        label of this configuration in summary.json (default: derived from model_args)
-  --skip_gated_check      do not check gated datasets first
+``python -m evalbridge --help`` lists our options, every model_arg and lm-eval's options. A user's mistake ends
+in one line on stderr and exit status 2; ``--debug`` (or FASTDLLM_DEBUG=1) shows the traceback instead.
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
 import sys
-import tempfile
 import time
 
-TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
+from fastdllm_rt.errors import FastDLLMError
+
+from . import cli
+from .catalog import Catalog
 
 
-def _ours(argv):
-    ap = argparse.ArgumentParser(add_help=False)
-    ap.add_argument("--output_dir")
-    ap.add_argument("--config_tag")
-    ap.add_argument("--skip_gated_check", action="store_true")
-    return ap.parse_known_args(argv)
+class GatedDatasetError(FastDLLMError):
+    """A selected task reads a gated dataset this machine cannot read."""
 
 
-def _peek(argv):
-    """The lm-eval arguments the launcher itself needs (parsed again, fully, by lm-eval)."""
-    ap = argparse.ArgumentParser(add_help=False)
-    for flag in ("--model", "--model_args", "--include_path", "--output_path", "--limit", "--num_fewshot",
-                 "--batch_size", "--gen_kwargs", "--seed", "--device"):
-        ap.add_argument(flag)
-    ap.add_argument("--tasks", nargs="+")
-    ap.add_argument("--apply_chat_template", nargs="?", const=True, default=False)
-    ap.add_argument("--fewshot_as_multiturn", nargs="?", const=True, default=False)
-    known, _ = ap.parse_known_args(argv)
-    known.tasks = [t for part in (known.tasks or []) for t in part.split(",") if t]
-    return known
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("FASTDLLM_DEBUG", "").strip() not in ("", "0")
+    try:
+        return _launch(argv)
+    except (FastDLLMError, ValueError) as e:
+        if debug:
+            raise
+        print(f"[fastdllm] error: {_one_line(e)} (--debug shows the traceback)", file=sys.stderr)
+        return 2
 
 
-def _include_path(user_path):
-    """Our task folder, plus the user's when given (lm-eval takes one path: both are linked under one)."""
-    if not user_path:
-        return TASKS_DIR
-    root = tempfile.mkdtemp(prefix="fastdllm_tasks_")
-    os.symlink(TASKS_DIR, os.path.join(root, "fastdllm"))
-    os.symlink(os.path.abspath(user_path), os.path.join(root, "user"))
-    return root
+def _one_line(error) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    token = os.environ.get("HF_TOKEN", "").strip()
+    return text.replace(token, "<token>") if token else text
 
 
-def _replace_arg(argv, flag, value):
-    out, skip = [], False
-    for i, a in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        if a == flag:
-            skip = True
-            continue
-        if a.startswith(flag + "="):
-            continue
-        out.append(a)
-    return out + [flag, value]
+def _launch(argv) -> int:
+    if argv[:1] == ["run"]:
+        argv = argv[1:]
+    if not argv or any(a in ("-h", "--help") for a in argv):
+        print(cli.help_text())
+        return 0
+    ours, rest = cli.our_options(argv)
+    from lm_eval.utils import setup_logging
+
+    setup_logging()
+    harness, ns = cli.parse_lm_eval(rest)
+    cli.prepare(ns)
+    tasks = list(ns.tasks or [])
+    catalog = Catalog(ns.include_path)
+    catalog.check(tasks)
+    if not ours.skip_gated_check and tasks:
+        from .gated import preflight
+
+        problems = preflight(tasks, catalog)
+        if problems:
+            raise GatedDatasetError("; ".join(f"task {p.task} cannot run: {p.message}" for p in problems)
+                                    + " Stopped before loading the model; nothing was written.")
+    if ours.output_dir and not ns.output_path:
+        ns.output_path = os.path.join(ours.output_dir, "lm_eval")
+
+    from . import model as bridge
+
+    started = time.time()
+    with _profiler():
+        harness.execute(ns)
+    lm = bridge.FastDLLMv2LM.instances[-1] if bridge.FastDLLMv2LM.instances else None
+    if lm is None:
+        return 0
+    reports = lm.dist.gather_object(lm.run_report(), dst=0)
+    if int(os.environ.get("RANK", "0")) != 0 or not ours.output_dir:
+        return 0
+    _write_summary(ns, ours, tasks, reports, started)
+    return 0
+
+
+def _write_summary(ns, ours, tasks, reports, started):
+    from .gated import resolve_token
+    from .summary import build, write_atomic
+
+    lm_results = _newest_results(ns.output_path, started) if ns.output_path else None
+    limit = ns.limit if ns.limit is None or ns.limit != int(ns.limit) else int(ns.limit)
+    eval_params = {"limit": limit, **{k: getattr(ns, k, None) for k in (
+        "num_fewshot", "batch_size", "gen_kwargs", "seed", "apply_chat_template", "fewshot_as_multiturn")}}
+    if lm_results:
+        eval_params["lm_eval_config"] = {k: v for k, v in lm_results.get("config", {}).items() if k != "model_args"}
+        eval_params["n_shot"] = lm_results.get("n-shot", {})
+    summary = build(tasks=tasks, config_tag=ours.config_tag or _config_tag(reports[0]["model_args"]),
+                    lm_results=lm_results, reports=reports, eval_params=eval_params,
+                    secrets=[resolve_token()[0] or ""])
+    path = os.path.join(ours.output_dir, "summary.json")
+    write_atomic(path, summary)
+    _print_summary(summary, path)
 
 
 def _config_tag(model_args: dict) -> str:
@@ -82,83 +115,6 @@ def _newest_results(folder, since):
         return None
     with open(max(files, key=os.path.getmtime)) as f:
         return json.load(f)
-
-
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "run":
-        argv = argv[1:]
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-    ours, rest = _ours(argv)
-    peek = _peek(rest)
-    if peek.model_args and "token=" in peek.model_args:
-        # a token given as a model argument goes to HF_TOKEN for this process (model download and gated
-        # datasets both read it there) and out of the arguments lm-eval prints and saves
-        kept = []
-        for item in peek.model_args.split(","):
-            if item.strip().startswith("token="):
-                os.environ["HF_TOKEN"] = item.split("=", 1)[1].strip()
-            else:
-                kept.append(item)
-        peek.model_args = ",".join(kept)
-        rest = _replace_arg(rest, "--model_args", peek.model_args)
-    rank = int(os.environ.get("RANK", "0"))
-    include = _include_path(peek.include_path)
-    rest = _replace_arg(rest, "--include_path", include)
-    if peek.model is None:
-        rest = ["--model", "fast_dllm_v2"] + rest
-    if peek.device is None:                  # lm-eval's own default is CUDA even on machines without one
-        import torch
-
-        rest += ["--device", "cuda" if torch.cuda.is_available() else "cpu"]
-    if not ours.skip_gated_check and peek.tasks:
-        from .gated import preflight
-
-        problems = preflight(peek.tasks, include)
-        if problems:
-            for p in problems:
-                print(f"[fastdllm] cannot run task {p.task}: {p.message}", file=sys.stderr)
-            print("[fastdllm] stopped before loading the model; nothing was written.", file=sys.stderr)
-            return 2
-    output_dir = ours.output_dir
-    if output_dir and not peek.output_path:
-        rest = _replace_arg(rest, "--output_path", os.path.join(output_dir, "lm_eval"))
-    results_dir = peek.output_path or (os.path.join(output_dir, "lm_eval") if output_dir else None)
-
-    from . import model as _registers  # noqa: F401 - registers fast_dllm_v2 with lm-eval
-    from lm_eval.__main__ import cli_evaluate
-
-    started = time.time()
-    saved = sys.argv
-    sys.argv = ["lm-eval", "run"] + rest
-    try:
-        with _profiler():
-            cli_evaluate()
-    finally:
-        sys.argv = saved
-    lm = _registers.FastDLLMv2LM.instances[-1] if _registers.FastDLLMv2LM.instances else None
-    if lm is None:
-        return 0
-    reports = lm.dist.gather_object(lm.run_report(), dst=0)
-    if rank != 0 or not output_dir:
-        return 0
-    from .gated import resolve_token
-    from .summary import build, write_atomic
-
-    lm_results = _newest_results(results_dir, started) if results_dir else None
-    eval_params = {k: getattr(peek, k) for k in ("limit", "num_fewshot", "batch_size", "gen_kwargs", "seed",
-                                                 "apply_chat_template", "fewshot_as_multiturn")}
-    if lm_results:
-        eval_params["lm_eval_config"] = {k: v for k, v in lm_results.get("config", {}).items() if k != "model_args"}
-        eval_params["n_shot"] = lm_results.get("n-shot", {})
-    summary = build(tasks=peek.tasks, config_tag=ours.config_tag or _config_tag(reports[0]["model_args"]),
-                    lm_results=lm_results, reports=reports, eval_params=eval_params,
-                    secrets=[resolve_token()[0] or ""])
-    path = os.path.join(output_dir, "summary.json")
-    write_atomic(path, summary)
-    _print_summary(summary, path)
-    return 0
 
 
 def _profiler():

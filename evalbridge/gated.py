@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from .catalog import Catalog, include_paths
+
 # Datasets known to need an accepted licence on the hub; extend with FASTDLLM_GATED_DATASETS=a/b,c/d.
 KNOWN_GATED = {"Idavidrein/gpqa"}
 
@@ -46,14 +48,11 @@ def resolve_token() -> tuple[str | None, str | None]:
     return None, None
 
 
-def task_datasets(tasks: list[str], include_path=None) -> dict[str, str | None]:
+def task_datasets(tasks: list[str], catalog: Catalog | None = None) -> dict[str, str | None]:
     """{task: dataset_path} for the selected tasks, groups and tags expanded, without loading any data."""
-    from lm_eval.tasks import TaskManager
     from lm_eval.tasks._index import Kind
 
-    tm = TaskManager(include_path=include_path, include_defaults=False) if include_path else None
-    if tm is None or not all(t in tm.task_index for t in tasks):
-        tm = TaskManager(include_path=include_path)          # lm-eval's whole catalogue (slower to index)
+    tm = (catalog or Catalog()).manager_for(tasks)
     index = tm.task_index
     out: dict[str, str | None] = {}
     seen: set[str] = set()
@@ -133,10 +132,10 @@ def check_access(dataset: str, token: str | None, source: str | None) -> str | N
     return None
 
 
-def preflight(tasks: list[str], include_path=None) -> list[GatedProblem]:
+def preflight(tasks: list[str], catalog: Catalog | None = None) -> list[GatedProblem]:
     """Problems that would stop the run on a gated dataset; empty when there are none."""
     wanted = gated_datasets()
-    needs = {t: d for t, d in task_datasets(tasks, include_path).items() if d in wanted}
+    needs = {t: d for t, d in task_datasets(tasks, catalog).items() if d in wanted}
     if not needs:
         return []
     token, source = resolve_token()
@@ -161,15 +160,13 @@ def main(argv=None) -> int:
     ap.add_argument("--include_path")
     ap.add_argument("--check-access", action="store_true")
     args = ap.parse_args(argv)
-    from .__main__ import TASKS_DIR, _include_path
-
     tasks = [t for t in args.tasks.split(",") if t]
-    include = _include_path(args.include_path)
+    catalog = Catalog(include_paths(args.include_path))
     if args.check_access:
-        problems = preflight(tasks, include)
+        problems = preflight(tasks, catalog)
     else:
         wanted = gated_datasets()
-        needs = {t: d for t, d in task_datasets(tasks, include or TASKS_DIR).items() if d in wanted}
+        needs = {t: d for t, d in task_datasets(tasks, catalog).items() if d in wanted}
         token, _ = resolve_token()
         problems = [] if (token or not needs) else [
             GatedProblem(t, d, no_token_message(d)) for t, d in sorted(needs.items())]

@@ -1,17 +1,13 @@
 """The lm-eval model ``fast_dllm_v2``, built on the fastdllm runtime.
 
-model_args keep the original adapter's names (``model``/``model_path``, ``dtype``, ``device``, ``batch_size``,
-``max_new_tokens``, ``threshold``, ``bd_size``, ``small_block_size``, ``use_block_cache``, ``reuse_k``,
-``layer_subset``) and add ``reuse_mode``, ``scoring``, ``subset_size``, ``prompt_rewrite``, ``backend``,
-``early_exit``, ``reveal``, ``mask_token_id``/``stop_token_id``/``pad_token_id``. Defaults follow the
-original adapter (block cache off, threshold 0.9, block 32, sub-block 8, 2048 new tokens) so published numbers
-stay comparable; scoring defaults to trajectory replay (contract §4), ``scoring=first_token`` reproduces the
-original evaluation.
-
-Every request type is timed (``throughput.py``) and its runtime counters accumulated for summary.json.
+Its model_args (names, defaults, meaning) are the table in ``model_args.py``; ``python -m evalbridge --help``
+prints it. Scoring defaults to trajectory replay (docs/design.md, "Trajectory scoring"); ``scoring=first_token``
+reproduces the original evaluation. Every request type is timed (``throughput.py``) and its runtime counters
+accumulated for summary.json.
 """
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 
 import torch
@@ -21,70 +17,58 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 import fastdllm_rt
-from fastdllm_rt import ReusePolicy
 
 from . import distributed
+from .model_args import ModelArgError, reuse_policy
+from .model_args import parse as parse_model_args
 from .throughput import Throughput
 
 BOXED = "Please reason step by step, and put your final answer within \\boxed{{}}."
 REWRITES = {"minerva_math": ("Solution:", BOXED), "gsm8k": ("Answer:", BOXED)}
 
 
-def _bool(value) -> bool:
-    if isinstance(value, bool):
-        return value
-    return str(value).strip().lower() in ("1", "true", "yes", "on")
-
-
 @register_model("fast_dllm_v2")
 class FastDLLMv2LM(LM):
     instances: list = []       # every model the harness built in this process (the launcher reads the last)
 
-    def __init__(self, model: str | None = None, model_path: str | None = None, dtype="auto", device=None,
-                 batch_size=32, max_new_tokens=2048, threshold=0.9, bd_size=32, small_block_size=8,
-                 use_block_cache=False, reuse_k=1, layer_subset="first", reuse_mode="output", subset_size=12,
-                 scoring="trajectory", reveal="one", prompt_rewrite=True, backend=None, early_exit=False,
-                 mask_token_id=None, stop_token_id=None, pad_token_id=None, max_length=None, **unused):
+    def __init__(self, **model_args):
+        """Keyword arguments are the model_args of ``model_args.TABLE``; an unknown name is an error."""
         super().__init__()
-        path = model or model_path
-        if path is None:
-            raise ValueError("fast_dllm_v2 needs model=<hub id or folder> in --model_args "
-                             "(model_path= is accepted too)")
+        args = parse_model_args(model_args)
+        if args["token"]:
+            os.environ["HF_TOKEN"] = args["token"]        # huggingface_hub reads it there; never stored here
+        self.policy = reuse_policy(args)
         self.dist = distributed.setup()
         self._rank, self._world_size = self.dist.rank, self.dist.world_size
-        if device is None or device == "auto":
-            device = f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu"
-        self.rt = fastdllm_rt.load(path, dtype=None if dtype == "auto" else dtype, device=device, backend=backend,
-                                   mask_token_id=mask_token_id, stop_token_id=stop_token_id,
-                                   pad_token_id=pad_token_id)
+        device = args["device"] or (f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu")
+        self.rt = fastdllm_rt.load(args["model"], dtype=None if args["dtype"] == "auto" else args["dtype"],
+                                   device=device, backend=args["backend"], revision=args["revision"],
+                                   mask_token_id=args["mask_token_id"], stop_token_id=args["stop_token_id"],
+                                   pad_token_id=args["pad_token_id"])
         self.tokenizer = self.rt.require_tokenizer("lm-eval tasks")
         self._device = self.rt.device
-        self.batch_size = None if str(batch_size).startswith("auto") else int(batch_size)
-        self.max_new_tokens = int(max_new_tokens)
-        self.threshold = float(threshold)
-        if int(bd_size) != self.rt.config.bd_size:
-            raise ValueError(f"bd_size={bd_size} but the checkpoint was trained with {self.rt.config.bd_size}")
-        self.small_block_size = int(small_block_size)
-        self.use_block_cache = _bool(use_block_cache)
-        self.policy = ReusePolicy.from_args(reuse_k, layer_subset, reuse_mode, subset_size)
+        if args["bd_size"] != self.rt.config.bd_size:
+            raise ModelArgError(f"bd_size={args['bd_size']} but the checkpoint was trained with "
+                                f"{self.rt.config.bd_size}; drop bd_size or set it to {self.rt.config.bd_size}")
         if self.policy is not None:
             self.policy.resolve(self.rt.config.num_hidden_layers)
-            if not self.use_block_cache:
-                raise ValueError(f"reuse_k={reuse_k} needs use_block_cache=True in --model_args: layers are only "
-                                 f"skipped on sub-block steps, which exist only with the block cache")
-        self.scoring = scoring
-        self.reveal = reveal
-        self.prompt_rewrite = _bool(prompt_rewrite)
-        self.early_exit = _bool(early_exit)
-        self._max_length = int(max_length) if max_length else None
-        self.unused_args = sorted(unused)
-        self.model_args = {k: v for k, v in dict(
-            model=path, dtype=str(self.rt.dtype).replace("torch.", ""), device=str(self.rt.device),
-            backend=self.rt.backend, batch_size=batch_size, max_new_tokens=self.max_new_tokens,
-            threshold=self.threshold, bd_size=int(bd_size), small_block_size=self.small_block_size,
-            use_block_cache=self.use_block_cache, reuse_k=int(reuse_k), layer_subset=layer_subset,
-            reuse_mode=reuse_mode, subset_size=int(subset_size), scoring=scoring, reveal=reveal,
-            prompt_rewrite=self.prompt_rewrite, early_exit=self.early_exit).items()}
+        self.batch_size = None if args["batch_size"] == "auto" else args["batch_size"]
+        self.max_new_tokens = args["max_new_tokens"]
+        self.threshold = args["threshold"]
+        self.small_block_size = args["small_block_size"]
+        self.use_block_cache = args["use_block_cache"]
+        self.scoring, self.reveal = args["scoring"], args["reveal"]
+        self.prompt_rewrite, self.early_exit = args["prompt_rewrite"], args["early_exit"]
+        self._max_length = args["max_length"]
+        # names lm-eval passes that this model does not use (they are accepted, and reported)
+        self.unused_args = sorted(k for k in ("max_batch_size", "trust_remote_code") if model_args.get(k))
+        self.model_args = dict(
+            model=args["model"], dtype=str(self.rt.dtype).replace("torch.", ""), device=str(self.rt.device),
+            backend=self.rt.backend, batch_size=args["batch_size"], max_new_tokens=self.max_new_tokens,
+            threshold=self.threshold, bd_size=args["bd_size"], small_block_size=self.small_block_size,
+            use_block_cache=self.use_block_cache, reuse_k=args["reuse_k"], layer_subset=args["layer_subset"],
+            reuse_mode=args["reuse_mode"], subset_size=args["subset_size"], scoring=self.scoring,
+            reveal=self.reveal, prompt_rewrite=self.prompt_rewrite, early_exit=self.early_exit)
         self.throughput = Throughput(self.rt.device, self.rt.config.num_hidden_layers)
         FastDLLMv2LM.instances.append(self)
 
@@ -161,25 +145,13 @@ class FastDLLMv2LM(LM):
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-
-        windows, owner = [], []
-        for n, req in enumerate(requests):
-            (text,) = req.args
-            tokens = self.tokenizer.encode(text)
-            for w in get_rolling_token_windows(token_list=tokens, prefix_token=self.prefix_token_id,
-                                               max_seq_len=self.max_length, context_len=1):
-                ctx, cont = make_disjoint_window(w)
-                windows.append((list(ctx), list(cont)))
-                owner.append(n)
-        totals = [0.0] * len(requests)
-        if windows:
-            with self.throughput.timing("loglikelihood_rolling") as t:
-                res = self.rt.score(windows, **self._score_kwargs())
-                res.stats.requests = len(requests)
-                t.add(res.stats)
-            for n, ll in zip(owner, res.loglikelihoods):
-                totals[n] += ll
+        if not requests:
+            return []
+        docs = [self.tokenizer.encode(req.args[0]) for req in requests]
+        with self.throughput.timing("loglikelihood_rolling") as t:
+            totals, stats = self.rt.score_rolling(docs, prefix_token_id=self.prefix_token_id,
+                                                  max_length=self.max_length, **self._score_kwargs())
+            t.add(stats)
         for req, ans in zip(requests, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, ans)
         return totals
@@ -200,7 +172,7 @@ class FastDLLMv2LM(LM):
             until = kw.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
             max_toks = int(kw.pop("max_gen_toks", self.max_new_tokens))
-            do_sample = _bool(kw.pop("do_sample", False))
+            do_sample = str(kw.pop("do_sample", False)).strip().lower() in ("1", "true", "yes", "on")
             temperature = float(kw.pop("temperature", 0.0)) if do_sample else 0.0
             top_p = float(kw.pop("top_p", 1.0))
             key = (tuple(until), max_toks, temperature, top_p)

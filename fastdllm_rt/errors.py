@@ -1,4 +1,4 @@
-"""Errors a user can act on. Each message names the cause and the fix (contract §6)."""
+"""Errors a user can act on: each message names the cause and the fix, in one line."""
 
 
 class FastDLLMError(Exception):

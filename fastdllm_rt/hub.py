@@ -5,6 +5,7 @@ Hub ids go through ``huggingface_hub.snapshot_download``, which honours ``HF_TOK
 """
 from __future__ import annotations
 
+import difflib
 import os
 import re
 
@@ -22,10 +23,35 @@ def resolve_checkpoint(model: str | os.PathLike, *, revision: str | None = None)
     if os.path.exists(path):
         raise HubError(f"{path} is a file; `model` must be a checkpoint folder (config.json + *.safetensors) "
                        f"or a hub id such as Efficient-Large-Model/Fast_dLLM_v2_7B")
-    if not _HUB_ID.match(path):
-        raise HubError(f"{model!r} is neither an existing folder nor a hub id of the form owner/name; "
-                       f"check the path")
+    if looks_local(os.fspath(model)) or not _HUB_ID.match(path):
+        raise HubError(missing_folder_message(path))
     return _download(path, revision)
+
+
+def looks_local(name: str) -> bool:
+    """A name meant as a folder here: it starts with ``.``, ``/`` or ``~``, its first component exists in the
+    working directory, or its parent folder exists. A hub id ``owner/name`` has none of these (unless a folder
+    named ``owner`` is here, and then the user most likely means that folder)."""
+    if name.startswith((".", "/", "~")) or os.path.isabs(name):
+        return True
+    first = name.replace(os.sep, "/").split("/", 1)[0]
+    parent = os.path.dirname(os.path.expanduser(name))
+    return os.path.exists(first) or (os.sep in name and bool(parent) and os.path.isdir(parent))
+
+
+def missing_folder_message(path: str) -> str:
+    """The folder ``path`` does not exist: say so, with the closest existing name beside where it went wrong."""
+    parts = os.path.normpath(path).split(os.sep)
+    base = os.sep if path.startswith(os.sep) else ""
+    for depth in range(len(parts), 0, -1):
+        parent = os.path.join(base, *parts[:depth - 1]) if depth > 1 else (base or ".")
+        if os.path.isdir(parent):
+            wrong = parts[depth - 1]
+            close = difflib.get_close_matches(wrong, sorted(os.listdir(parent)), n=1, cutoff=0.6)
+            hint = f"; did you mean {os.path.join(parent, close[0]) if depth > 1 else close[0]}?" if close else ""
+            return (f"no folder {path} ({os.path.abspath(parent)} has no {wrong!r}){hint or ';'} `model` is a "
+                    f"local checkpoint folder or a hub id such as Efficient-Large-Model/Fast_dLLM_v2_7B")
+    return f"no folder {path}. `model` is a local checkpoint folder or a hub id such as owner/name"
 
 
 def _download(repo_id: str, revision: str | None) -> str:

@@ -48,7 +48,7 @@ def test_launcher_writes_lm_eval_metrics_and_every_summary_field(demo):
     assert m["synth_prose"]["word_perplexity,none"] > 1.0
     for name in ("torch", "triton", "lm_eval", "fastdllm", "python"):
         assert name in summary["versions"]
-    assert summary["evaluation"]["limit"] == "6"
+    assert summary["evaluation"]["limit"] == 6
     assert "synth_arith" in res.stdout and "tokens_generated/s" in res.stdout
 
 
@@ -72,7 +72,7 @@ def _evaluate(model_args, tasks, limit, num_fewshot=None, batch_size=16):
     from lm_eval.tasks import TaskManager
 
     from evalbridge import model as bridge
-    from evalbridge.__main__ import TASKS_DIR
+    from evalbridge.catalog import TASKS_DIR
 
     os.environ.update(OFFLINE)
     tm = TaskManager(include_path=TASKS_DIR, include_defaults=False)
@@ -180,3 +180,26 @@ def test_bad_model_args_are_explained():
         FastDLLMv2LM(device="cpu")
     with pytest.raises(fastdllm_rt.PolicyError, match="do not exist"):
         FastDLLMv2LM(model=MODEL, device="cpu", reuse_k=2, use_block_cache=True, layer_subset="20-40")
+
+
+def test_rolling_loglikelihood_is_score_rolling_over_lm_evals_windows():
+    """The bridge calls Runtime.score_rolling (it re-implemented it before); the totals are still those of
+    scoring lm-eval's own rolling windows, several per document here."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    from evalbridge.model import FastDLLMv2LM
+    from evalbridge.tasks.local import _split
+
+    lm = FastDLLMv2LM(model=MODEL, device="cpu", max_length=12)
+    texts = [d["text"] for d in _split("prose", "test")[:3]]
+    got = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), 0) for t in texts])
+    expected = []
+    for text in texts:
+        windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+            token_list=lm.tokenizer.encode(text), prefix_token=lm.prefix_token_id, max_seq_len=12, context_len=1)]
+        assert len(windows) > 1
+        res = lm.rt.score([(list(c), list(x)) for c, x in windows], **lm._score_kwargs())
+        expected.append(sum(res.loglikelihoods))
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert lm.throughput.to_dict()["loglikelihood_rolling"]["requests"] == 3

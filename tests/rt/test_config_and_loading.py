@@ -177,9 +177,39 @@ def test_gated_repo_without_access_is_explained(monkeypatch):
         fastdllm_rt.load("acme/gated")
 
 
-def test_not_a_path_nor_a_hub_id():
-    with pytest.raises(HubError, match="neither an existing folder nor a hub id"):
+def test_a_missing_folder_is_said_as_such(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(HubError, match=r"no folder \./no/such/folder/here \(.* has no 'no'\); `model` is a local"):
         fastdllm_rt.load("./no/such/folder/here")
+
+
+def test_a_mistyped_relative_path_names_the_nearest_folder_and_never_asks_the_hub(tmp_path, monkeypatch):
+    """Defect: `fastdllm_rt/small_modl` (a typo of a folder here) went to the hub and was reported as "could
+    not reach the hub ... check the network"."""
+    import huggingface_hub
+
+    def no_hub(*a, **k):
+        raise AssertionError("a name that looks like a local folder was sent to the hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
+    make_checkpoint(str(tmp_path / "fastdllm_rt" / "small_model"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(HubError, match=r"no folder fastdllm_rt/small_modl .*did you mean fastdllm_rt/small_model\?"):
+        fastdllm_rt.load("fastdllm_rt/small_modl")
+    (tmp_path / "modelz").mkdir()
+    with pytest.raises(HubError, match=r"no folder \./models/tiny .*did you mean modelz\?"):
+        fastdllm_rt.load("./models/tiny")
+
+
+def test_a_hub_id_still_goes_to_the_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **k: asked.append(repo_id) or make_checkpoint(str(tmp_path / "snap")))
+    monkeypatch.chdir(tmp_path)
+    rt = fastdllm_rt.load("acme/tiny-dllm", **TINY_IDS)
+    assert asked == ["acme/tiny-dllm"] and rt.folder == str(tmp_path / "snap")
 
 
 def test_token_ids_come_from_caller_then_config_then_released_values(tiny_untied):
