@@ -30,8 +30,8 @@ setup(
         "numpy",
     ],
     extras_require={
-        # CI tests both ends of these ranges: the newest releases, then transformers 4.53 with lm_eval 0.4.9.
-        "eval": ["lm_eval>=0.4.9,<0.5", "transformers>=4.53", "matplotlib"],
+        # CI tests both ends of these ranges: the newest releases, then transformers 4.53 with lm_eval 0.4.12.
+        "eval": ["lm_eval>=0.4.12,<0.5", "transformers>=4.53", "matplotlib"],
         "dev": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "transformers>=4.53"],
     },
     entry_points={"console_scripts": ["fastdllm-eval=evalbridge.__main__:main"]},
