@@ -44,7 +44,7 @@ def main():
     bw = copy_bandwidth_gbs()
     rt = fastdllm_rt.from_state_dict(fields, sd, dtype="bf16", backend="triton", **RELEASED_IDS)
     del sd
-    caches = rt.new_caches(1, args.prefix + 64, None)
+    caches = rt.pool.acquire(1, args.prefix + 64, None)
     slot = caches.alloc()
     ids = torch.randint(0, 150000, (args.prefix + 32,))
     bs = fields["bd_size"]
