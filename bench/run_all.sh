@@ -29,8 +29,9 @@ workers=$(python3 -c 'import xdist' 2>/dev/null && echo "-n 4")
 
 if [ "${1:-all}" = quick ]; then
   # shellcheck disable=SC2086
-  TAILN=20 step gpu_tests 200 python3 -m pytest -q $workers -p no:cacheprovider tests/kernels \
-    tests/rt/test_triton_backend.py tests/rt/test_graphs.py tests/rt/test_batch.py tests/bench
+  TAILN=20 step gpu_tests 200 python3 -m pytest -q $workers -p no:cacheprovider \
+    ${OUT:+--junitxml=$OUT/logs/gpu_tests.xml} tests/kernels tests/rt/test_triton_backend.py tests/rt/test_graphs.py \
+    tests/rt/test_batch.py tests/bench
   TAILN=26 step steps 150 python3 bench/steps.py --shapes 7B,1.5B --providers hf,triton --iters 30
   TAILN=6 step parity 60 python3 bench/parity_gpu.py --backends torch,triton
   TAILN=6 step e2e 60 python3 bench/e2e.py --shape 7B --batches 1 --hf-tokens 64
