@@ -2,15 +2,26 @@
 (transformers Qwen2 modules with a block-causal mask, eager attention), ceilings (copy bandwidth, bf16 matmul
 rate) and records. Timing and records come from ``fastdllm_kernels.timing``, which the tiling sweep shares:
 every measurement is one JSON line in ``bench/results/<suite>.jsonl`` naming card, versions, commit, date and
-the command that reproduces it."""
+the command that reproduces it.
+
+Every script takes ``--device cpu`` (smoke runs: a tiny shape, the torch backend, times meaningless) and
+``--out DIR``. Records go to ``--out``, else ``$FASTDLLM_BENCH_OUT``, else ``bench/results`` on a GPU and a
+temporary folder on the CPU, so a CPU run never lands among the GPU measurements."""
 from __future__ import annotations
 
+import gc
 import os
+import sys
+import tempfile
 
-import torch
+# ``--device cpu`` hides the GPU before torch first looks for one: DEVICE below is fixed at import
+if "--device=cpu" in sys.argv or any(a == "--device" and b == "cpu" for a, b in zip(sys.argv, sys.argv[1:])):
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import torch  # noqa: E402
 
 from fastdllm_kernels.timing import (DEVICE, append_record, copies_beyond_l2, copy_bandwidth_gbs, cuda_time,  # noqa: F401
-                                     env_info, graph_time, sync)
+                                     env_info, graph_time, sync)  # noqa: E402
 
 # the released checkpoints' config.json (Fast-dLLM v2 7B; the 1.5B differs in the fields below)
 RELEASED_7B_FIELDS = {
@@ -24,20 +35,62 @@ RELEASED_7B_FIELDS = {
 RELEASED_1_5B_FIELDS = dict(RELEASED_7B_FIELDS, hidden_size=1536, intermediate_size=8960, num_attention_heads=12,
                             num_key_value_heads=2, tie_word_embeddings=True, vocab_size=151936, max_window_layers=21)
 SHAPES = {"7B": RELEASED_7B_FIELDS, "1.5B": RELEASED_1_5B_FIELDS,
-          # for smoke-testing the scripts on a CPU
+          # for smoke-testing the scripts on a CPU (head_dim 128 as released, so the triton backend runs it too)
           "tiny": dict(RELEASED_1_5B_FIELDS, hidden_size=256, intermediate_size=512, num_attention_heads=2,
-                       num_key_value_heads=1)}
+                       num_key_value_heads=1, num_hidden_layers=4, max_window_layers=4, vocab_size=2048,
+                       bos_token_id=2045, eos_token_id=2046, pad_token_id=2045)}
 # the released checkpoints' mask / stop / pad token ids (random weights have no tokenizer to read them from)
 RELEASED_IDS = dict(mask_token_id=151665, stop_token_id=151645, pad_token_id=151643)
+
+
+def token_ids(vocab_size: int) -> dict:
+    """The mask / stop / pad ids for a vocabulary: the released ones, or the top three ids of a tiny one."""
+    if vocab_size > RELEASED_IDS["mask_token_id"]:
+        return RELEASED_IDS
+    return dict(mask_token_id=vocab_size - 1, stop_token_id=vocab_size - 2, pad_token_id=vocab_size - 3)
+
+
+def random_ids(vocab_size: int, *shape, generator=None, device="cpu") -> torch.Tensor:
+    """Random ordinary tokens (below the special ids)."""
+    return torch.randint(0, min(150000, vocab_size - 8), shape, generator=generator, device=device)
 # (query heads, KV heads) of the released models' attention
 ATTENTION_HEADS = {name: (SHAPES[name]["num_attention_heads"], SHAPES[name]["num_key_value_heads"])
                    for name in ("7B", "1.5B")}
-RESULTS = os.environ.get("FASTDLLM_BENCH_OUT", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+RESULTS = os.environ.get("FASTDLLM_BENCH_OUT") or (os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+                                                   if DEVICE == "cuda" else os.path.join(tempfile.gettempdir(),
+                                                                                         "fastdllm_bench_cpu"))
+
+
+def add_run_args(ap) -> None:
+    """The options every script shares: ``--device`` and ``--out``."""
+    ap.add_argument("--device", default=DEVICE, choices=["cuda", "cpu"],
+                    help="cpu: a smoke run of the script's code path (times meaningless, records off bench/results)")
+    ap.add_argument("--out", default=None, help="folder for the records (default: $FASTDLLM_BENCH_OUT, else "
+                                                "bench/results on a GPU, a temporary folder on the CPU)")
+
+
+def start(args, script: str) -> str:
+    """Check ``--device``, point the records at ``--out``; returns the command line records name."""
+    global RESULTS
+    if args.device != DEVICE:
+        sys.exit(f"{script}: --device {args.device} asked, but torch sees {DEVICE} (no CUDA GPU?)")
+    if args.out:
+        RESULTS = args.out
+    print(f"{script}: records go to {RESULTS}", flush=True)
+    return f"python bench/{script} " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                                              if k not in ("out", "device") and v is not None) + \
+        (" --device cpu" if DEVICE == "cpu" else "")
 
 
 def record(file: str, **row) -> dict:
     """Append one measurement to ``RESULTS/<file>.jsonl`` and return it."""
     return append_record(os.path.join(RESULTS, file + ".jsonl"), row)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
 
 
 def rotating_graph_ms(body, copies: int, reps: int = 3, iters: int = 20) -> float:

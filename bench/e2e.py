@@ -6,25 +6,30 @@ token per forward the same way (a block-causal forward per step with a DynamicCa
 Reports tokens/s, forwards, and the share of wall time spent outside forwards (host work between steps).
 
     python bench/e2e.py --shape 7B --batches 1,8,32 [--hf-tokens 64]
+    python bench/e2e.py --shape tiny --batches 1,2 --prompt 64 --new 32 --hf-tokens 4 --backend torch --device cpu
 """
 import argparse
-import gc
 import time
+
+from common import (DEVICE, SHAPES, add_run_args, block_causal_additive, free_memory, hf_model, random_ids,
+                    random_state_dict, record, start, sync, token_ids)
 
 import torch
 
-from common import DEVICE, sync, SHAPES, block_causal_additive, hf_model, random_state_dict, record
-
 import fastdllm_rt
 
-IDS = dict(mask_token_id=151665, stop_token_id=151643, pad_token_id=151643)
+
+def ids_of(vocab_size: int) -> dict:
+    """The mask and pad ids, the pad id also serving as the stop token."""
+    ids = token_ids(vocab_size)
+    return dict(ids, stop_token_id=ids["pad_token_id"])
 
 
 def ours(rt, batch, prompt_len, new, backend):
     g = torch.Generator().manual_seed(batch)
-    prompts = [torch.randint(0, 150000, (prompt_len,), generator=g).tolist() for _ in range(batch)]
+    prompts = [random_ids(rt.config.vocab_size, prompt_len, generator=g).tolist() for _ in range(batch)]
     kw = dict(max_new_tokens=new, threshold=1.0, use_block_cache=True, batch_size=batch)
-    rt.generate(prompts[:1] if batch > 1 else prompts, **dict(kw, max_new_tokens=64))   # warm: graphs, kernels
+    rt.generate(prompts[:1] if batch > 1 else prompts, **dict(kw, max_new_tokens=min(64, new)))   # warm: kernels
     rt.generate(prompts, **kw)
     sync()
     graphs_before = captured_graphs(rt)
@@ -41,8 +46,7 @@ def ours(rt, batch, prompt_len, new, backend):
 def captured_graphs(rt) -> int:
     """CUDA graphs captured so far by the runners of the runtime's pooled caches (a capture inside the timed
     call counts in its forwards)."""
-    caches = getattr(rt, "_caches", None)
-    return sum(r.captures for r in getattr(caches, "_runners", {}).values()) if caches is not None else 0
+    return sum(r.captures for r in rt.pool.runners.values())
 
 
 def hf_baseline(fields, sd, prompt_len, new):
@@ -51,7 +55,7 @@ def hf_baseline(fields, sd, prompt_len, new):
     from transformers import DynamicCache
 
     model = hf_model(fields, sd)
-    ids = torch.randint(0, 150000, (1, prompt_len), device=DEVICE)
+    ids = random_ids(fields["vocab_size"], 1, prompt_len, device=DEVICE)
     steps = 0
     sync()
     t0 = time.perf_counter()
@@ -59,7 +63,7 @@ def hf_baseline(fields, sd, prompt_len, new):
         cache = DynamicCache()
         model(input_ids=ids, past_key_values=cache, use_cache=True,
               attention_mask=block_causal_additive(prompt_len, prompt_len))
-        block = torch.randint(0, 150000, (1, 32), device=DEVICE)
+        block = random_ids(fields["vocab_size"], 1, 32, device=DEVICE)
         made = 0
         while made < new:
             saved = [(layer.keys, layer.values) for layer in cache.layers]
@@ -90,8 +94,9 @@ def main():
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--hf-tokens", type=int, default=64)
     ap.add_argument("--backend", default="triton")
+    add_run_args(ap)
     args = ap.parse_args()
-    command = "python bench/e2e.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
+    command = start(args, "e2e.py")
     fields = SHAPES[args.shape]
     sd = random_state_dict(fields)
     rows = []
@@ -99,9 +104,9 @@ def main():
         r = hf_baseline(fields, sd, args.prompt, args.hf_tokens)
         rows.append(record("e2e", shape=args.shape, provider="hf", batch=1, prompt=args.prompt,
                            new_tokens=args.hf_tokens, threshold=1.0, **r, command=command))
-        gc.collect()
-        torch.cuda.empty_cache()
-    rt = fastdllm_rt.from_state_dict(fields, sd, dtype="bf16", backend=args.backend, **IDS)
+        free_memory()
+    rt = fastdllm_rt.from_state_dict(fields, sd, dtype="bf16", backend=args.backend, device=DEVICE,
+                                     **ids_of(fields["vocab_size"]))
     for b in [int(x) for x in args.batches.split(",")]:
         r = ours(rt, b, args.prompt, args.new, args.backend)
         rows.append(record("e2e", shape=args.shape, provider=args.backend, batch=b, prompt=args.prompt,

@@ -9,26 +9,27 @@ the unbatched scorer's within the bf16 tier (trajectory and first_token) on a su
 TFLOP/s (2 x non-embedding parameters x context tokens) against the measured bf16 matmul rate.
 
     python bench/scoring.py --shapes 7B,1.5B [--questions 512] [--orig-questions 16]
+    python bench/scoring.py --shapes tiny --questions 4 --orig-questions 1 --check-questions 2 --context 40,80 \
+        --backend torch --device cpu                                                        # smoke run
 """
 import argparse
-import gc
 import time
 
-import torch
+from common import (DEVICE, SHAPES, add_run_args, block_causal_additive, free_memory, hf_model, matmul_tflops,
+                    random_ids, random_state_dict, record, start, sync, token_ids)
 
-from common import (DEVICE, RELEASED_IDS, SHAPES, block_causal_additive, hf_model, matmul_tflops, random_state_dict,
-                    record, sync)
+import torch
 
 import fastdllm_rt
 
 
-def workload(n, seed=0):
+def workload(n, vocab_size, context=(500, 900), seed=0):
     g = torch.Generator().manual_seed(seed)
-    lens = torch.randint(500, 901, (n,), generator=g).tolist()
+    lens = torch.randint(context[0], context[1] + 1, (n,), generator=g).tolist()
     qs = []
     for L in lens:
-        ctx = torch.randint(0, 150000, (L,), generator=g).tolist()
-        choices = torch.randint(0, 150000, (4,), generator=g).tolist()
+        ctx = random_ids(vocab_size, L, generator=g).tolist()
+        choices = random_ids(vocab_size, 4, generator=g).tolist()
         qs.append((ctx, choices))
     return qs
 
@@ -37,7 +38,7 @@ def requests_of(qs):
     return [(ctx, [c]) for ctx, choices in qs for c in choices]
 
 
-def original(model, qs, mask_id=151665, eos=151645):
+def original(model, qs, mask_id, eos):
     """The original evaluation: each choice scored by one plain block-causal forward of context + choice
     (the choice masked, an end-of-sequence token after it), one request at a time."""
     out = []
@@ -62,36 +63,39 @@ def main():
     ap.add_argument("--orig-questions", type=int, default=16)
     ap.add_argument("--check-questions", type=int, default=16)
     ap.add_argument("--backend", default="triton")
+    ap.add_argument("--context", default="500,900", help="context lengths drawn from this range (tokens)")
+    add_run_args(ap)
     args = ap.parse_args()
-    command = "python bench/scoring.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
+    command = start(args, "scoring.py")
     peak = matmul_tflops()
     record("ceilings", metric="bf16_matmul_TFLOPs", value=peak, command=command)
-    qs = workload(args.questions)
-    warm = workload(args.questions, seed=1)                       # same sizes, other questions
-    ctx_tokens = sum(len(c) for c, _ in qs)
+    context = tuple(int(x) for x in args.context.split(","))
     table = []
     for shape in args.shapes.split(","):
         fields = SHAPES[shape]
+        V = fields["vocab_size"]
+        ids = token_ids(V)
+        qs = workload(args.questions, V, context)
+        warm = workload(args.questions, V, context, seed=1)         # same sizes, other questions
+        ctx_tokens = sum(len(c) for c, _ in qs)
         sd = random_state_dict(fields)
         n_params = sum(t.numel() for k, t in sd.items() if k != "model.embed_tokens.weight")
         if args.orig_questions:
             model = hf_model(fields, sd)
             sub = qs[:args.orig_questions]
-            original(model, sub[:1])
+            original(model, sub[:1], ids["mask_token_id"], ids["stop_token_id"])
             sync()
             t0 = time.perf_counter()
-            original(model, sub)
+            original(model, sub, ids["mask_token_id"], ids["stop_token_id"])
             sync()
             dt = time.perf_counter() - t0
             table.append(record("scoring", shape=shape, provider="original", questions=len(sub), seconds=dt,
                                 questions_per_s=len(sub) / dt, command=command))
             del model
-            gc.collect()
-            torch.cuda.empty_cache()
-        rt = fastdllm_rt.from_state_dict(fields, sd, dtype="bf16", backend=args.backend, **RELEASED_IDS)
+            free_memory()
+        rt = fastdllm_rt.from_state_dict(fields, sd, dtype="bf16", backend=args.backend, device=DEVICE, **ids)
         del sd                                                          # the runtime holds its own copy
-        gc.collect()
-        torch.cuda.empty_cache()
+        free_memory()
         reqs = requests_of(qs)
         check = requests_of(qs[:args.check_questions])
         measured = {}
@@ -106,14 +110,12 @@ def main():
             single = [rt.score([r], **kw).loglikelihoods[0] for r in check]
             measured[scoring] = (dt, res, res.loglikelihoods[:len(check)], single)
         del rt
-        gc.collect()
-        torch.cuda.empty_cache()
+        free_memory()
         # the bf16 tier (STYLE.md): batched bf16 scores against an fp32 reference, no worse than twice the
         # unbatched bf16 scores' error (or relative RMS < 5e-3)
         rt32 = fastdllm_rt.from_state_dict(fields, random_state_dict(fields), dtype="fp32", backend="torch",
-                                           **RELEASED_IDS)
-        gc.collect()
-        torch.cuda.empty_cache()
+                                           device=DEVICE, **ids)
+        free_memory()
         for scoring, (dt, res, batched, single) in measured.items():
             ref = torch.tensor(rt32.score(check, scoring=scoring, use_block_cache=False).loglikelihoods)
             a, b = torch.tensor(batched), torch.tensor(single)
@@ -131,8 +133,7 @@ def main():
                 within_bf16_tier=bool(err_batched <= 2 * err_single + 1e-5 or rel_rms < 5e-3),
                 checked_requests=len(check), notes=res.stats.notes, command=command))
         del rt32
-        gc.collect()
-        torch.cuda.empty_cache()
+        free_memory()
     print(f"bf16 matmul peak {peak:.0f} TFLOP/s")
     print(f"{'shape':5} {'provider':14} {'scoring':12} {'q/s':>8} {'TFLOP/s':>8} {'%peak':>6} {'err32 batched':>13} "
           f"{'err32 single':>12} tier")

@@ -1,5 +1,5 @@
 """Step-level pytest-benchmark suite: each decode step kind at batch 1, prefix 2048, through the
-runtime's Engine (triton backend: CUDA-graph replays) and through the original's Hugging Face path, with the
+runtime's ForwardRunner (triton backend: CUDA-graph replays) and through the original's Hugging Face path, with the
 weight-read floor recorded beside them. bench/steps.py is the same measurement with CUDA-event timing."""
 import gc
 

@@ -160,10 +160,13 @@ def _print_summary(summary, path):
         if kind.startswith("_"):
             continue
         dev = t["tokens_per_s_device"]
-        print(f"  {kind}: {t['tokens_per_s_wall']:.1f} {t['tokens_counted']}/s (wall)"
+        counted = t["tokens_counted"].replace("tokens_generated", "generated tokens").replace("_", " ")
+        fwd = t.get("forwarded_tokens_per_s_wall")
+        forwarded = f"{fwd:.0f} forwarded tokens/s, " if fwd else ""
+        print(f"  {kind}: {t['tokens_per_s_wall']:.1f} {counted}/s (wall clock)"
               + (f", {dev:.1f}/s (device)" if dev else "")
-              + f", {t['tokens_per_forward']:.2f} tokens/forward, {t['layer_evaluations']['skipped']} layer "
-                f"evaluations skipped")
+              + f"; {forwarded}{t['tokens_per_forward']:.2f} tokens/forward; "
+                f"{t['layer_evaluations']['skipped']} layer evaluations skipped")
 
 
 if __name__ == "__main__":

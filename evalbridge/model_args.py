@@ -76,7 +76,7 @@ class Arg:
 
 def _table() -> tuple[Arg, ...]:
     from fastdllm_rt.reuse import MODES
-    from fastdllm_rt.scorer import REVEAL_MODES, SCORING_MODES
+    from fastdllm_rt.config import REVEAL_MODES, SCORING_MODES
 
     i, f, oi = _number(int), _number(float), _optional(_number(int))
     return (

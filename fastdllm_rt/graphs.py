@@ -9,6 +9,10 @@ says why and which graphs are kept). Prefill and plain windows, whose lengths va
 
 Counters: a replay runs no Python, so the runner keeps the layer counts the captured forward returned and
 returns them with every replay.
+
+Timing: with ``time_replays`` on (an argument, or the attribute on a pooled runner), CUDA events bracket each
+replay and ``last_replay_ms`` reads the latest one: the GPU time of the graph alone, without the host's batch
+packing and metadata upload (bench/steps.py's replay column). Off, a replay records nothing.
 """
 from __future__ import annotations
 
@@ -86,11 +90,13 @@ class CaptureSchedule:
 
 
 class GraphRunner:
-    def __init__(self, model, caches, reuse, max_graphs: int = 32):
+    def __init__(self, model, caches, reuse, max_graphs: int = 32, time_replays: bool = False):
         self.model, self.caches, self.reuse = model, caches, reuse
         self.schedule = CaptureSchedule(max_graphs)
         self.pool = torch.cuda.graph_pool_handle()
         self.replays = self.captures = 0
+        self.time_replays = time_replays
+        self._events = None                 # (start, end) CUDA events of the latest timed replay
 
     def forward(self, requests, block_size: int):
         """Run the packed forward of ``requests``; returns (ForwardOutput, ForwardBatch)."""
@@ -106,11 +112,31 @@ class GraphRunner:
             batch = upload(packed, self.model.device)
             return self.model(batch, self.caches, self.reuse), batch
         cap.buffer.copy_(packed.host, non_blocking=True)
-        cap.graph.replay()
+        if self.time_replays:
+            self._timed_replay(cap.graph)
+        else:
+            cap.graph.replay()
         batch = rebind(cap.batch, packed)                 # host work while the GPU runs
         self.replays += 1
         out = cap.output
         return ForwardOutput(out.logits.clone(), list(out.layers_computed), list(out.layers_skipped)), batch
+
+    def _timed_replay(self, graph) -> None:
+        if self._events is None:
+            self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        start, end = self._events
+        start.record()
+        graph.replay()
+        end.record()
+
+    def last_replay_ms(self) -> float | None:
+        """GPU time (ms) of the latest replay run with ``time_replays`` on (waits for it to finish); None when no
+        replay was timed. A forward that ran eagerly leaves it unchanged: compare ``replays`` before and after."""
+        if self._events is None:
+            return None
+        start, end = self._events
+        end.synchronize()
+        return start.elapsed_time(end)
 
     @property
     def graphs(self) -> dict:

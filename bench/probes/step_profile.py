@@ -15,8 +15,8 @@ os.environ.setdefault("FASTDLLM_BENCH_OUT", os.path.join(os.path.dirname(os.path
 import torch  # noqa: E402
 
 import fastdllm_rt  # noqa: E402
-from common import (RELEASED_IDS, SHAPES, copy_bandwidth_gbs, kernel_times_us, random_state_dict,  # noqa: E402
-                    record, step_weight_bytes)
+from common import (SHAPES, copy_bandwidth_gbs, kernel_times_us, random_ids, random_state_dict,  # noqa: E402
+                    record, step_weight_bytes, token_ids)
 from fastdllm_rt.batch import Kind, RowRequest, build_batch  # noqa: E402
 
 CATS = [("attention", ("decode_attention", "prefill_attention")), ("fused_linear", ("fused_linear", "qkv_rope")),
@@ -42,11 +42,12 @@ def main():
     sd = random_state_dict(fields)
     step_bytes = step_weight_bytes(sd)
     bw = copy_bandwidth_gbs()
-    rt = fastdllm_rt.from_state_dict(fields, sd, dtype="bf16", backend="triton", **RELEASED_IDS)
+    rt = fastdllm_rt.from_state_dict(fields, sd, dtype="bf16", backend="triton",
+                                     **token_ids(fields["vocab_size"]))
     del sd
-    caches = rt.new_caches(1, args.prefix + 64, None)
+    caches = rt.pool.acquire(1, args.prefix + 64, None)
     slot = caches.alloc()
-    ids = torch.randint(0, 150000, (args.prefix + 32,))
+    ids = random_ids(fields["vocab_size"], args.prefix + 32)
     bs = fields["bd_size"]
     with torch.inference_mode():
         rt.model(build_batch([RowRequest(Kind.PREFILL, slot, 0, ids[:args.prefix])], rt.device, bs), caches)
