@@ -21,30 +21,36 @@ import time
 
 import torch
 
-from common import RELEASED_IDS, SHAPES, random_state_dict, record
+from common import SHAPES, add_run_args, random_ids, random_state_dict, record, start, token_ids
 
 import fastdllm_rt
 from fastdllm_rt.prefix_cache import PrefixCache
 
 
-def _tokens(g, n):
-    return torch.randint(0, 150000, (n,), generator=g).tolist()
+def _tokens(g, vocab, n):
+    return random_ids(vocab, n, generator=g).tolist()
 
 
-def mmlu_like(n_questions, subjects, seed=0):
+def _length(g, around):
+    """A length drawn uniformly from ``around`` +- 7 %."""
+    d = max(1, around // 15)
+    return int(torch.randint(around - d, around + d + 1, (1,), generator=g))
+
+
+def mmlu_like(n_questions, subjects, vocab, header=600, question=100, seed=0):
     g = torch.Generator().manual_seed(seed)
-    headers = [_tokens(g, int(torch.randint(560, 641, (1,), generator=g))) for _ in range(subjects)]
+    headers = [_tokens(g, vocab, _length(g, header)) for _ in range(subjects)]
     reqs = []
     for q in range(n_questions):
-        ctx = headers[q % subjects] + _tokens(g, int(torch.randint(80, 121, (1,), generator=g)))
-        reqs += [(ctx, [c]) for c in _tokens(g, 4)]
+        ctx = headers[q % subjects] + _tokens(g, vocab, _length(g, question))
+        reqs += [(ctx, [c]) for c in _tokens(g, vocab, 4)]
     return reqs, sum(len(h) for h in headers)
 
 
-def gsm8k_like(n_questions, seed=0):
+def gsm8k_like(n_questions, vocab, header=900, question=60, seed=0):
     g = torch.Generator().manual_seed(seed)
-    header = _tokens(g, 900)
-    return [header + _tokens(g, int(torch.randint(50, 71, (1,), generator=g))) for _ in range(n_questions)]
+    head = _tokens(g, vocab, header)
+    return [head + _tokens(g, vocab, _length(g, question)) for _ in range(n_questions)]
 
 
 def header_share(stats, with_cache):
@@ -70,30 +76,34 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="7B", choices=sorted(SHAPES))
     ap.add_argument("--layers", type=int, default=None, help="override the layer count (smoke checks)")
-    ap.add_argument("--device", default="cuda")
     ap.add_argument("--backend", default=None)
     ap.add_argument("--questions", type=int, default=570)
     ap.add_argument("--subjects", type=int, default=57)
     ap.add_argument("--gen-questions", type=int, default=64)
     ap.add_argument("--gen-batch", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--header", type=int, default=600, help="tokens of a 5-shot scoring header (+- 7 %%)")
+    ap.add_argument("--question", type=int, default=100, help="tokens of a scoring question (+- 7 %%)")
+    ap.add_argument("--gen-header", type=int, default=900, help="tokens of the 8-shot generation header")
+    ap.add_argument("--gen-question", type=int, default=60, help="tokens of a generation question (+- 7 %%)")
+    add_run_args(ap)
     args = ap.parse_args()
-    command = "python bench/prefix_cache.py " + " ".join(f"--{k.replace('_', '-')} {v}"
-                                                         for k, v in vars(args).items() if v is not None)
+    command = start(args, "prefix_cache.py")
     device = torch.device(args.device)
     fields = dict(SHAPES[args.shape])
     if args.layers:
         fields.update(num_hidden_layers=args.layers, max_window_layers=args.layers)
     dtype = "bf16" if device.type == "cuda" else "fp32"
     sd = random_state_dict(fields, device=device, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    V = fields["vocab_size"]
     rt = fastdllm_rt.from_state_dict(fields, sd, dtype=dtype, device=str(device), backend=args.backend,
-                                     **RELEASED_IDS)
+                                     **token_ids(V))
     del sd
     gc.collect()
     rows = []
     # (a) scoring
-    reqs, header_tokens = mmlu_like(args.questions, args.subjects)
-    warm, _ = mmlu_like(min(args.questions, 2 * args.subjects), args.subjects, seed=1)
+    reqs, header_tokens = mmlu_like(args.questions, args.subjects, V, args.header, args.question)
+    warm, _ = mmlu_like(min(args.questions, 2 * args.subjects), args.subjects, V, args.header, args.question, seed=1)
     results = {}
     for on in (False, True):
         rt.prefix_cache = PrefixCache(rt.block_size, None, device) if on else None
@@ -111,8 +121,8 @@ def main():
     diff = max(abs(a - b) for a, b in zip(results[False], results[True]))
     rows[-1]["max_abs_diff_vs_cache_off"] = diff
     # (b) generation
-    prompts = gsm8k_like(args.gen_questions)
-    warm_prompts = gsm8k_like(min(args.gen_batch, args.gen_questions), seed=1)
+    prompts = gsm8k_like(args.gen_questions, V, args.gen_header, args.gen_question)
+    warm_prompts = gsm8k_like(min(args.gen_batch, args.gen_questions), V, args.gen_header, args.gen_question, seed=1)
     gens = {}
     for on in (False, True):
         rt.prefix_cache = PrefixCache(rt.block_size, None, device) if on else None
