@@ -60,23 +60,6 @@ def extend_attention_ref(q, k, v, prefix_k, prefix_v, slots, starts, cu, lens, b
     return _unpad_rows(out, lens)
 
 
-def sub_attention_ref(q, prefix_k, prefix_v, block_k, block_v, slots, prefix_lens, n, scale):
-    """q [R*n, Hq, D]; each row attends to prefix[0:prefix_lens[r]] + the whole block cache of its slot."""
-    R = slots.numel()
-    if R == 0:
-        return q.new_empty(q.shape)
-    dev = q.device
-    p_max = int(prefix_lens.max())
-    qp = q.reshape(R, n, *q.shape[1:])
-    keys = torch.cat([prefix_k[slots, :, :p_max], block_k[slots]], dim=2).transpose(1, 2).to(q.dtype)
-    vals = torch.cat([prefix_v[slots, :, :p_max], block_v[slots]], dim=2).transpose(1, 2).to(q.dtype)
-    bs = block_k.shape[2]
-    k_valid = torch.cat([torch.arange(p_max, device=dev)[None, :] < prefix_lens[:, None],
-                         torch.ones(R, bs, dtype=torch.bool, device=dev)], dim=1)
-    allowed = k_valid[:, None, :].expand(R, n, p_max + bs)
-    return attention_core_ref(qp, keys, vals, allowed, scale).reshape(q.shape)
-
-
 def decode_attention_ref(q, prefix_k, prefix_v, block_k, block_v, slots, prefix_lens, has_tail, q_starts, n_q, scale):
     """The decode kinds by definition: row r's n_q queries (packed at q_starts[r]) attend, unmasked, to its
     prefix cache [0, prefix_lens[r]) followed by its whole block cache when has_tail[r]."""
