@@ -4,11 +4,11 @@ Two forms, matching the two shapes of query window the runtime forwards:
 
 * ``extend``: each row's window starts on a block boundary ``start`` (or at 0) and may span several blocks
   (prefill, commit, full-block, plain forward). Keys are the row's prefix cache ``[0, start)`` followed by the
-  window's own keys; visibility is block-causal over absolute positions, ``q // bs >= k // bs``.
+  window's own keys; visibility is block-causal over absolute positions, ``q // block_size >= k // block_size``.
 * ``sub``: each row's 8-query window sits inside the current block; keys are the prefix cache ``[0, plen)``
   followed by the whole block cache (which already holds this window's fresh K/V). No mask.
 
-Caches are ``[slots, Hkv, S, D]`` (prefix) and ``[slots, Hkv, bs, D]`` (block); queries and new keys are
+Caches are ``[slots, Hkv, S, D]`` (prefix) and ``[slots, Hkv, block_size, D]`` (block); queries and new keys are
 packed ``[T, H, D]`` with row offsets ``cu`` (``cu[r]:cu[r+1]`` are row r's tokens).
 """
 import torch
