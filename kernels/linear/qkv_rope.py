@@ -17,8 +17,8 @@ Same contract as ``reference.qkv_rope_write_ref``: returns the finished ``[T, (H
 writes k/v to the prefix cache (``dest`` 1) or the block cache (``dest`` 2; 0 writes nothing).
 
 Measured on an H100 (``python -m fastdllm_kernels.linear.sweep --projections qkv_rope``): 0.3-0.8 us faster a
-layer than cuBLAS + the RoPE kernel at 8 tokens, a tie at 32 - the kernel is ~2-3 us slower than cuBLAS's bare matmul, which eats most of
-what the RoPE kernel cost - so ``tuned.json`` fuses the 8-token shapes only.
+layer than cuBLAS + the RoPE kernel at 8 tokens, a tie at 32 - the kernel is ~2-3 us slower than cuBLAS's bare
+matmul, which eats most of what the RoPE kernel cost - so ``tuned.json`` fuses the 8-token shapes only.
 """
 from __future__ import annotations
 
