@@ -173,7 +173,7 @@ class Sampler:
         for j, tok in enumerate(st.block):
             if st.block_start + j < recorded:
                 continue
-            if tok == self.ids.mask:
+            if st.pending[j]:           # undecoded (early_exit); a decoded token may equal the mask id
                 break
             row.gen.append(tok)
         if not self._check_end(row):
@@ -188,7 +188,7 @@ class Sampler:
         for j, tok in enumerate(st.block[:st.needed]):
             if st.block_start + j < first_gen:
                 continue
-            if tok == self.ids.mask:
+            if st.pending[j]:
                 return
             if tok == self.ids.stop:
                 st.needed = j + 1

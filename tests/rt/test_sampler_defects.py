@@ -105,3 +105,19 @@ def test_a_stop_token_ends_the_row_and_nothing_after_it_is_returned(tmp_path):
     out = rt.generate([_p(7, 1), _p(40, 2)], max_new_tokens=100)
     assert all(t[-1] == 510 and t.count(510) == 1 for t in out.tokens)
     assert out.finish_reasons == ["stop_token", "stop_token"]
+
+
+def test_a_decoded_mask_id_is_a_token_and_the_row_stays_inside_its_cache(tmp_path):
+    """A model whose head prefers the mask id: a decoded position holding that id used to be taken for an
+    undecoded one, so the row recorded fewer tokens than it had decoded, ran past the positions its call had
+    sized (an IndexError in the cache write for ~970-token prompts) and returned a cut generation."""
+    from tests.helpers.checkpoints import random_state_dict, tiny_config, write_checkpoint
+    cfg = tiny_config(layers=2, hidden=32, heads=4, kv_heads=2, inter=64)
+    sd = random_state_dict(cfg)
+    sd["lm_head.weight"][511] = sd["model.norm.weight"] * 50
+    rt = fastdllm_rt.load(write_checkpoint(str(tmp_path / "masker"), cfg, sd), **TINY_IDS)
+    prompts = [_p(n, n) for n in (961, 963, 956, 31, 33)]     # 961 + 16 fills its slot's last block exactly
+    for ee in (False, True):
+        out = rt.generate(prompts, max_new_tokens=16, threshold=1.0, early_exit=ee)
+        assert [len(t) for t in out.tokens] == [16] * 5 and out.finish_reasons == ["length"] * 5
+        assert all(t.count(511) > 8 for t in out.tokens)          # decoded mask ids are returned as tokens
