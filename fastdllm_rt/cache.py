@@ -22,19 +22,19 @@ class Caches:
         if max_len > config.max_position_embeddings:
             raise InputError(f"cache length {max_len} exceeds the model's max_position_embeddings "
                              f"({config.max_position_embeddings}); shorten the input or max_new_tokens")
-        L, H, D, bs = config.num_hidden_layers, config.num_key_value_heads, config.head_dim, config.bd_size
+        L, H, D, block_size = config.num_hidden_layers, config.num_key_value_heads, config.head_dim, config.bd_size
         self.config = config
         self.num_slots = num_slots
         self.max_len = max_len
-        self.block_size = bs
+        self.block_size = block_size
         # Zeros, not empty: the PyTorch reference reads padded key ranges and multiplies them by zero weights.
         self.prefix_k = torch.zeros(L, num_slots, H, max_len, D, dtype=dtype, device=device)
         self.prefix_v = torch.zeros_like(self.prefix_k)
-        self.block_k = torch.zeros(L, num_slots, H, bs, D, dtype=dtype, device=device)
+        self.block_k = torch.zeros(L, num_slots, H, block_size, D, dtype=dtype, device=device)
         self.block_v = torch.zeros_like(self.block_k)
         self.reuse_mode = reuse_mode
         self.reuse_layers = tuple(reuse_layers)
-        self.reuse = {layer: torch.zeros(num_slots, bs, config.hidden_size, dtype=dtype, device=device)
+        self.reuse = {layer: torch.zeros(num_slots, block_size, config.hidden_size, dtype=dtype, device=device)
                       for layer in self.reuse_layers}
         self._free = list(range(num_slots - 1, -1, -1))
 

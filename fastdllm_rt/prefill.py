@@ -46,10 +46,10 @@ class Prefiller:
     def __init__(self, runner, caches, cache, lease):
         """``cache``: the runtime's ``PrefixCache``; ``lease``: pins the blocks this unit of work reads."""
         self.runner, self.caches, self.cache, self.lease = runner, caches, cache, lease
-        self.bs = caches.block_size
+        self.block_size = caches.block_size
 
     def run(self, jobs: list[PrefillJob]) -> None:
-        bs, caches, stats = self.bs, self.caches, self.runner.stats
+        bs, caches, stats = self.block_size, self.caches, self.runner.stats
         for job in jobs:
             n = len(job.tokens) // bs
             job.chain = self.cache.match(job.tokens, n - 1 if job.want_logit else n)
@@ -65,7 +65,7 @@ class Prefiller:
 
     def _round(self, pending: list[PrefillJob]) -> list[PrefillJob]:
         """One forward: per distinct shared prefix one leader computes it; the followers copy it."""
-        bs = self.bs
+        bs = self.block_size
         order = sorted(pending, key=lambda j: j.tokens)
         target = {}
         for i, job in enumerate(order):
@@ -103,7 +103,7 @@ class Prefiller:
 
     def _offer(self, job: PrefillJob, upto: int) -> None:
         """Insert the blocks ``job`` just computed (``[done, upto)``) under its cached chain."""
-        bs, caches = self.bs, self.caches
+        bs, caches = self.block_size, self.caches
         chained = len(job.chain) == job.done
         for b in range(job.done, upto):
             if chained:

@@ -66,12 +66,12 @@ class Sampler:
 
     # ---- main loop ---------------------------------------------------------------------------------------
     def run(self, prompts: list[list[int]]) -> GenerationResult:
-        rt, cfg, bs = self.rt, self.cfg, self.block_size
+        rt, cfg, block_size = self.rt, self.cfg, self.block_size
         temps = _per_row(cfg.temperature, len(prompts), "temperature")
         top_ps = _per_row(cfg.top_p, len(prompts), "top_p")
         rows = [_Row(i, list(p), cfg.max_new_tokens, temps[i], top_ps[i], self._generator(i, temps[i]))
                 for i, p in enumerate(prompts)]
-        max_len = max(_round_up(len(r.prompt) + r.budget, bs) + bs for r in rows)
+        max_len = max(_round_up(len(r.prompt) + r.budget, block_size) + block_size for r in rows)
         n_slots = min(len(rows), cfg.batch_size or len(rows))
         stats = CallStats(num_layers=rt.config.num_hidden_layers, requests=len(rows))
         caches, runner = rt.pool.start_call(n_slots, max_len, self.plan, stats)
@@ -142,8 +142,8 @@ class Sampler:
 
     # ---- per-row transitions -----------------------------------------------------------------------------
     def _admit(self, row: _Row, slot: int) -> None:
-        P, bs = len(row.prompt), self.block_size
-        whole = P - P % bs
+        P, block_size = len(row.prompt), self.block_size
+        whole = P - P % block_size
         row.state = self.planner.new_state(slot, whole)
         if whole:
             row.phase = "prefill"
@@ -161,10 +161,10 @@ class Sampler:
         return planner.denoise_request(st)
 
     def _advance(self, planner: StepPlanner, row: _Row, req: RowRequest, logits, conf, x0) -> None:
-        st, bs = row.state, self.block_size
+        st, block_size = row.state, self.block_size
         if req.kind is Kind.PREFILL:
             P = len(row.prompt)
-            if P % bs:
+            if P % block_size:
                 self._start_block(row, st.block_start, row.prompt[st.block_start:])
             else:
                 self._take_ar_token(row, int(x0[0]))
@@ -193,9 +193,9 @@ class Sampler:
 
     def _start_block(self, row: _Row, block_start: int, known: list[int]) -> None:
         """Open the block at ``block_start`` holding ``known`` tokens followed by masks."""
-        bs, mask = self.block_size, self.ids.mask
-        block = known + [mask] * (bs - len(known))
-        pending = [False] * len(known) + [True] * (bs - len(known))
+        block_size, mask = self.block_size, self.ids.mask
+        block = known + [mask] * (block_size - len(known))
+        pending = [False] * len(known) + [True] * (block_size - len(known))
         row.state.new_block(block_start, block, pending)
         if self.cfg.early_exit:
             self._lower_needed(row)

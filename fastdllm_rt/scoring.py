@@ -73,7 +73,7 @@ class TrajectoryScorer:
                  prefiller=None):
         """``prefiller``: a ``Prefiller`` serving context blocks from the prefix cache (None: plain prefill)."""
         self.runner, self.planner, self.caches, self.prefiller = runner, planner, caches, prefiller
-        self.mask, self.bs, self.sub_size = planner.mask_id, planner.block_size, planner.sub_block_size
+        self.mask, self.block_size, self.sub_block_size = planner.mask_id, planner.block_size, planner.sub_block_size
         self.reveal, self.log_threshold = reveal, (math.log(threshold) if threshold > 0 else -math.inf)
 
     def run(self, chunk: ScoreChunk) -> None:
@@ -83,7 +83,7 @@ class TrajectoryScorer:
             groups.setdefault(tuple(ctx), []).append(i)
         nodes = []
         for ctx, members in groups.items():
-            whole = len(ctx) - len(ctx) % self.bs
+            whole = len(ctx) - len(ctx) % self.block_size
             node = _Node(members, self.planner.new_state(self.caches.alloc(), whole), "prefill")
             if not whole:
                 self._open_block(node, 0, [])
@@ -144,7 +144,7 @@ class TrajectoryScorer:
         ctx = self.c.requests[node.requests[0]][0]
         end = max(self.c.end(i) for i in node.requests)
         block, pending = [], []
-        for j in range(self.bs):
+        for j in range(self.block_size):
             pos = block_start + j
             if pos < len(ctx):
                 block.append(ctx[pos])
@@ -158,7 +158,7 @@ class TrajectoryScorer:
 
     def _plan(self, node: _Node):
         """(row request, [(logits offset, absolute position revealable this step)])."""
-        st, bs = node.state, self.bs
+        st, block_size = node.state, self.block_size
         if node.phase == "prefill":
             ctx = self.c.requests[node.requests[0]][0]
             scores = st.block_start == len(ctx)
@@ -166,9 +166,9 @@ class TrajectoryScorer:
                              logits_at=[st.block_start - 1] if scores else [])
             return req, ([(0, st.block_start)] if scores else [])
         if node.phase == "commit":
-            return self.planner.commit_request(st), [(0, st.block_start + bs)]
-        r = st.current_sub() * self.sub_size
-        offsets = [r + j for j in range(self.sub_size) if st.pending[r + j]]
+            return self.planner.commit_request(st), [(0, st.block_start + block_size)]
+        r = st.current_sub() * self.sub_block_size
+        offsets = [r + j for j in range(self.sub_block_size) if st.pending[r + j]]
         if self.reveal == "one":
             offsets = offsets[:1]                  # project only the row this step reads
         req = self.planner.denoise_request(st, targets=offsets)
@@ -199,7 +199,7 @@ class TrajectoryScorer:
         if not children:
             self.caches.release(st.slot)
             return []
-        keep = st.block_start + (self.bs if req.kind is Kind.COMMIT else 0)
+        keep = st.block_start + (self.block_size if req.kind is Kind.COMMIT else 0)
         out = []
         for n, (key, members) in enumerate(children.items()):
             child = node if n == 0 else self._fork(node, keep)
@@ -221,14 +221,14 @@ class TrajectoryScorer:
     def _reveal(self, node: _Node, kind: Kind, key) -> None:
         st = node.state
         if kind in (Kind.PREFILL, Kind.COMMIT):
-            start = st.block_start + (self.bs if kind is Kind.COMMIT else 0)
+            start = st.block_start + (self.block_size if kind is Kind.COMMIT else 0)
             self._open_block(node, start, [tok for _, tok in key])
             return
         for pos, tok in key:
             st.block[pos - st.block_start] = tok
             st.pending[pos - st.block_start] = False
         end = max(self.c.end(i) for i in node.requests)
-        for j in range(self.bs):
+        for j in range(self.block_size):
             if st.block_start + j >= end:
                 st.pending[j] = False
         if st.current_sub() is None:
@@ -241,24 +241,24 @@ class FirstTokenScorer:
     def __init__(self, runner: ForwardRunner, caches, *, mask_id, stop_id, block_size, prefiller=None):
         """``prefiller``: a ``Prefiller`` serving the prefixes from the prefix cache (None: plain prefill)."""
         self.runner, self.caches, self.prefiller = runner, caches, prefiller
-        self.mask, self.stop, self.bs = mask_id, stop_id, block_size
+        self.mask, self.stop, self.block_size = mask_id, stop_id, block_size
 
     def original_input(self, ctx, cont) -> list[int]:
         seq = list(ctx) + list(cont)
         n = len(seq)
-        x = seq + [self.mask] * ((n // self.bs + 1) * self.bs - n)
+        x = seq + [self.mask] * ((n // self.block_size + 1) * self.block_size - n)
         x[len(ctx)] = self.mask
         x[n] = self.stop
         return x
 
     def run(self, chunk: ScoreChunk) -> None:
-        bs = self.bs
+        block_size = self.block_size
         prefixes: "OrderedDict[tuple, int]" = OrderedDict()     # prefix -> slot
         rows: "OrderedDict[tuple, list[int]]" = OrderedDict()   # (prefix, last block) -> requests
         for i, (ctx, cont) in enumerate(chunk.requests):
             x = self.original_input(ctx, cont)
-            b = (len(ctx) - 1) // bs
-            key = (tuple(x[:b * bs]), tuple(x[b * bs:(b + 1) * bs]))
+            b = (len(ctx) - 1) // block_size
+            key = (tuple(x[:b * block_size]), tuple(x[b * block_size:(b + 1) * block_size]))
             rows.setdefault(key, []).append(i)
             if key[0] and key[0] not in prefixes:
                 prefixes[key[0]] = self.caches.alloc()

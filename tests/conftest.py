@@ -31,7 +31,7 @@ def tiny_tied(tmp_path_factory):
 @pytest.fixture(scope="session", autouse=True)
 def _runtime_on_the_cpu_unless_asked():
     """The runtime tests compare with fp32 references computed on the CPU, so a runtime loaded without a
-    device runs there too - also on a machine with a GPU, where the library's default (cuda, bf16) would fail
+    device is placed there too - also on a machine with a GPU, where the library's default (cuda, bf16) would fail
     their 1e-5 references. Tests meant for the GPU pass
     ``device=`` explicitly (the kernel tests and tests/rt/test_triton_backend.py do)."""
     import fastdllm_rt.loader as loader

@@ -11,7 +11,7 @@ the device, and the grid depends only on the cache size, so the call can be capt
 
 ``prefill_attention`` serves windows that span blocks (prefill, plain scoring forwards): keys are the
 prefix cache ``[0, start)`` (all visible) and the window's own keys under the block-causal rule
-``q // bs >= k // bs``; one program per (row, query head, 64 queries).
+``q // block_size >= k // block_size``; one program per (row, query head, 64 queries).
 """
 from dataclasses import dataclass
 
@@ -177,7 +177,7 @@ def decode_plan(rows: int, kv_heads: int, group: int, n_q: int, max_keys: int, n
 
 def decode_attention(q, prefix_k, prefix_v, block_k, block_v, slots, prefix_lens, has_tail, q_starts, n_q: int,
                      scale: float, out=None, num_sms: int = 132, plan: DecodePlan | None = None):
-    """q [T, Hq, D] packed, row r's n_q queries at q_starts[r]; caches [slots, Hkv, S, D] / [slots, Hkv, bs, D];
+    """q [T, Hq, D] packed, row r's n_q queries at q_starts[r]; caches [slots, Hkv, S, D] / [slots, Hkv, block_size, D];
     slots, prefix_lens, has_tail, q_starts: [R] int tensors on q's device. Returns o [T, Hq, D]."""
     T, HQ, D = q.shape
     HKV = prefix_k.shape[1]

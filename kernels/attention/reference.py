@@ -4,11 +4,11 @@ Two forms, matching the two shapes of query window the runtime forwards:
 
 * ``extend``: each row's window starts on a block boundary ``start`` (or at 0) and may span several blocks
   (prefill, commit, full-block, plain forward). Keys are the row's prefix cache ``[0, start)`` followed by the
-  window's own keys; visibility is block-causal over absolute positions, ``q // bs >= k // bs``.
+  window's own keys; visibility is block-causal over absolute positions, ``q // block_size >= k // block_size``.
 * ``sub``: each row's 8-query window sits inside the current block; keys are the prefix cache ``[0, plen)``
   followed by the whole block cache (which already holds this window's fresh K/V). No mask.
 
-Caches are ``[slots, Hkv, S, D]`` (prefix) and ``[slots, Hkv, bs, D]`` (block); queries and new keys are
+Caches are ``[slots, Hkv, S, D]`` (prefix) and ``[slots, Hkv, block_size, D]`` (block); queries and new keys are
 packed ``[T, H, D]`` with row offsets ``cu`` (``cu[r]:cu[r+1]`` are row r's tokens).
 """
 import torch
@@ -58,23 +58,6 @@ def extend_attention_ref(q, k, v, prefix_k, prefix_v, slots, starts, cu, lens, b
     allowed = k_valid[:, None, :] & (q_pos[:, :, None] // block_size >= k_pos[:, None, :] // block_size)
     out = attention_core_ref(qp, keys, vals, allowed, scale)
     return _unpad_rows(out, lens)
-
-
-def sub_attention_ref(q, prefix_k, prefix_v, block_k, block_v, slots, prefix_lens, n, scale):
-    """q [R*n, Hq, D]; each row attends to prefix[0:prefix_lens[r]] + the whole block cache of its slot."""
-    R = slots.numel()
-    if R == 0:
-        return q.new_empty(q.shape)
-    dev = q.device
-    p_max = int(prefix_lens.max())
-    qp = q.reshape(R, n, *q.shape[1:])
-    keys = torch.cat([prefix_k[slots, :, :p_max], block_k[slots]], dim=2).transpose(1, 2).to(q.dtype)
-    vals = torch.cat([prefix_v[slots, :, :p_max], block_v[slots]], dim=2).transpose(1, 2).to(q.dtype)
-    bs = block_k.shape[2]
-    k_valid = torch.cat([torch.arange(p_max, device=dev)[None, :] < prefix_lens[:, None],
-                         torch.ones(R, bs, dtype=torch.bool, device=dev)], dim=1)
-    allowed = k_valid[:, None, :].expand(R, n, p_max + bs)
-    return attention_core_ref(qp, keys, vals, allowed, scale).reshape(q.shape)
 
 
 def decode_attention_ref(q, prefix_k, prefix_v, block_k, block_v, slots, prefix_lens, has_tail, q_starts, n_q, scale):

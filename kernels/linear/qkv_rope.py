@@ -16,9 +16,9 @@ boundary are worth folding into the projection:
 Same contract as ``reference.qkv_rope_write_ref``: returns the finished ``[T, (Hq + 2 Hkv) D]`` q|k|v rows and
 writes k/v to the prefix cache (``dest`` 1) or the block cache (``dest`` 2; 0 writes nothing).
 
-Measured on an H100 (``python -m fastdllm_kernels.linear.sweep --projections qkv_rope``): 0.3-0.8 us faster a layer than cuBLAS + the RoPE
-kernel at 8 tokens, a tie at 32 - the kernel is ~2-3 us slower than cuBLAS's bare matmul, which eats most of
-what the RoPE kernel cost - so ``tuned.json`` fuses the 8-token shapes only.
+Measured on an H100 (``python -m fastdllm_kernels.linear.sweep --projections qkv_rope``): 0.3-0.8 us faster a
+layer than cuBLAS + the RoPE kernel at 8 tokens, a tie at 32 - the kernel is ~2-3 us slower than cuBLAS's bare
+matmul, which eats most of what the RoPE kernel cost - so ``tuned.json`` fuses the 8-token shapes only.
 """
 from __future__ import annotations
 
@@ -127,8 +127,8 @@ def qkv_rope_write(x, weight, bias, eps, n_heads: int, n_kv_heads: int, cos_tabl
                    num_sms: int = 132):
     """x [T, hidden] (the un-normalised layer input; its RMSNorm gain folded into ``weight``); weight
     [(Hq + 2 Hkv) D, hidden]; bias [(Hq + 2 Hkv) D] or None; tables [max_pos, D]; positions, dest, slots [T];
-    caches [slots, Hkv, S, D] and [slots, Hkv, bs, D] (one layer). Returns the finished q|k|v [T, (Hq + 2 Hkv) D]
-    (q and k rotated) and writes k/v to the caches by ``dest`` (module docstring)."""
+    caches [slots, Hkv, S, D] and [slots, Hkv, block_size, D] (one layer). Returns the finished q|k|v
+    [T, (Hq + 2 Hkv) D] (q and k rotated) and writes k/v to the caches by ``dest`` (module docstring)."""
     T, K = x.shape
     N = weight.shape[0]
     D = N // (n_heads + 2 * n_kv_heads)

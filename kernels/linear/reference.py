@@ -40,11 +40,11 @@ def qkv_rope_write_ref(x, weight, bias, eps, n_heads: int, n_kv_heads: int, cos_
                for t, b in zip(raw.split(parts, dim=-1), biases))
     c, s = cos_table[positions].to(x.dtype), sin_table[positions].to(x.dtype)
     q, k = rope_ref(q, c, s), rope_ref(k, c, s)
-    bs = block_k.shape[2]
+    block_size = block_k.shape[2]
     for t in range(T):
         slot, pos = int(slots[t]), int(positions[t])
         if int(dest[t]) == 1:
             prefix_k[slot, :, pos], prefix_v[slot, :, pos] = k[t], v[t]
         elif int(dest[t]) == 2:
-            block_k[slot, :, pos % bs], block_v[slot, :, pos % bs] = k[t], v[t]
+            block_k[slot, :, pos % block_size], block_v[slot, :, pos % block_size] = k[t], v[t]
     return torch.cat([q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1)], dim=-1)

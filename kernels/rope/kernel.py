@@ -2,7 +2,7 @@
 
 One program per token: q [T, Hq, D] and k [T, Hkv, D] are rotated in place (rotate-half convention, in fp32,
 rounded once); when ``dest[t]`` is 1 the token's k/v go to the prefix cache at (slot[t], :, index[t]), when 2
-to the block cache at (slot[t], :, index[t] % bs); 0 writes nothing (plain forwards).
+to the block cache at (slot[t], :, index[t] % block_size); 0 writes nothing (plain forwards).
 
 ``norm_input`` / ``bias``: q, k, v arrive as the raw projection of the un-normalised layer input (the input
 RMSNorm's gain folded into the QKV weight); the kernel first scales each token's q, k, v by 1/rms of its
@@ -100,7 +100,7 @@ def rope_write_fwd_kernel(p_q, p_k, p_v, p_cos, p_sin, p_pos, p_dest, p_slot,
 def rope_write(q, k, v, cos_table, sin_table, positions, dest, slots, prefix_k, prefix_v, block_k, block_v,
                norm_input=None, bias=None, eps: float = 1e-6):
     """q [T, Hq, D], k/v [T, Hkv, D] (q and k rotated in place); tables [max_pos, D]; positions, dest, slots
-    [T]; caches [slots, Hkv, S, D] and [slots, Hkv, bs, D] (one layer). ``norm_input`` [T, hidden] and ``bias``
+    [T]; caches [slots, Hkv, S, D] and [slots, Hkv, block_size, D] (one layer). ``norm_input`` [T, hidden] and ``bias``
     [(Hq + 2 Hkv) D]: q, k, v are the raw projection, finished here (module docstring); v in place too."""
     T, HQ, D = q.shape
     HKV = k.shape[1]

@@ -1,4 +1,4 @@
-"""Config parsing, weight loading, token ids, dtype choice and every loading error (issue 2, acceptance 2/5/6)."""
+"""Config parsing, weight loading, token ids, dtype choice and every loading error."""
 import json
 import os
 

@@ -1,4 +1,4 @@
-"""The triton backend against the torch backend, at model level (issue 5, acceptance 6). On CPU the kernels
+"""The triton backend against the torch backend, at model level. On CPU the kernels
 run in Triton's interpreter in fp32, which executes every program of every launch one after another: the CPU
 run keeps to short generations on a 2-layer model; on a GPU the same tests run compiled at full length, and
 tests/gpu adds bf16 at the released shapes."""

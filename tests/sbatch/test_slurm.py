@@ -18,6 +18,9 @@ from tests.conftest import REPO
 SBATCH = os.path.join(REPO, "sbatch")
 MODEL = os.path.join(REPO, "fastdllm_rt", "small_model")
 SECRET = "hf_SlurmGridSecret5551234"
+# The by-file / by-model_args cases use a token of their own: their run.sh carries token= in its own argument list
+# (the user typed it), which a grid test watching `ps` on another worker would otherwise take for a leak.
+OTHER_SECRET = "hf_SlurmOtherSecret7770001"
 pytestmark = pytest.mark.xdist_group("slurm")
 
 
@@ -43,16 +46,16 @@ def done(slurm, ids):
     return all(s not in ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING") for s in states.values())
 
 
-def no_secret_anywhere(slurm, texts, folders):
+def no_secret_anywhere(slurm, texts, folders, secret=SECRET):
     for path, text in slurm.stored_job_files().items():
-        assert SECRET not in text, f"the token is in the stored job file {path}"
+        assert secret not in text, f"the token is in the stored job file {path}"
     for text in texts:
-        assert SECRET not in text
+        assert secret not in text
     for folder in folders:
         for d, _, files in os.walk(folder):
             for f in files:
                 with open(os.path.join(d, f), "rb") as fh:
-                    assert SECRET.encode() not in fh.read(), f"the token is in {os.path.join(d, f)}"
+                    assert secret.encode() not in fh.read(), f"the token is in {os.path.join(d, f)}"
 
 
 def watch_ps(stop, seen):
@@ -73,33 +76,36 @@ def grid(slurm, tmp_path_factory):
     outputs, seen, stop = [], [], threading.Event()
     watcher = threading.Thread(target=watch_ps, args=(stop, seen), daemon=True)
     watcher.start()
-    both = [None, None]
-    threads = [threading.Thread(target=lambda i=i: both.__setitem__(i, run_sh(e, *grid_args(res)))) for i in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert all(r.returncode == 0 for r in both), [r.stderr for r in both]
-    third = run_sh(e, *grid_args(res))
-    outputs += [r.stdout + r.stderr for r in both + [third]]
-    exp = res / "reuse_study_small_model" / "synth_arith_limit_2"
-    names = {job_name(str(exp / c)) for c in ("k1", "k2_first")}     # other tests may submit beside these
-    jobs = {j: v for j, v in slurm.jobs("fdl_").items() if v[0] in names}
-    assert len(jobs) == 2, f"two submitters and a third gave {jobs}: one job per configuration expected"
-    assert "0 job(s) submitted" in third.stdout
-    k2_id = next(j for j, (n, _) in jobs.items() if n.startswith("fdl_k2_first_"))
-    slurm.wait(lambda: (exp / "k2_first" / ".partial").is_dir(), 120, "the k2_first job to start")
-    subprocess.run(["scancel", k2_id], env=slurm.env, check=True)
-    slurm.wait(lambda: done(slurm, set(jobs)), 300, "the first jobs to end")
-    k1_summary = (exp / "k1" / "summary.json").read_bytes()
-    assert not (exp / "k2_first" / "summary.json").exists()
-    rerun = run_sh(e, *grid_args(res))
-    outputs.append(rerun.stdout + rerun.stderr)
-    assert "1 job(s) submitted" in rerun.stdout and "skip synth_arith k1 (complete" in rerun.stdout
-    ids = {j for j, v in slurm.jobs("fdl_").items() if v[0] in names} - set(jobs)
-    slurm.wait(lambda: done(slurm, ids), 300, "the resumed job to end")
-    stop.set()
-    watcher.join()
+    try:
+        both = [None, None]
+        threads = [threading.Thread(target=lambda i=i: both.__setitem__(i, run_sh(e, *grid_args(res))))
+                   for i in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(r.returncode == 0 for r in both), [r.stderr for r in both]
+        third = run_sh(e, *grid_args(res))
+        outputs += [r.stdout + r.stderr for r in both + [third]]
+        exp = res / "reuse_study_small_model" / "synth_arith_limit_2"
+        names = {job_name(str(exp / c)) for c in ("k1", "k2_first")}     # other tests may submit beside these
+        jobs = {j: v for j, v in slurm.jobs("fdl_").items() if v[0] in names}
+        assert len(jobs) == 2, f"two submitters and a third gave {jobs}: one job per configuration expected"
+        assert "0 job(s) submitted" in third.stdout
+        k2_id = next(j for j, (n, _) in jobs.items() if n.startswith("fdl_k2_first_"))
+        slurm.wait(lambda: (exp / "k2_first" / ".partial").is_dir(), 120, "the k2_first job to start")
+        subprocess.run(["scancel", k2_id], env=slurm.env, check=True)
+        slurm.wait(lambda: done(slurm, set(jobs)), 300, "the first jobs to end")
+        k1_summary = (exp / "k1" / "summary.json").read_bytes()
+        assert not (exp / "k2_first" / "summary.json").exists()
+        rerun = run_sh(e, *grid_args(res))
+        outputs.append(rerun.stdout + rerun.stderr)
+        assert "1 job(s) submitted" in rerun.stdout and "skip synth_arith k1 (complete" in rerun.stdout
+        ids = {j for j, v in slurm.jobs("fdl_").items() if v[0] in names} - set(jobs)
+        slurm.wait(lambda: done(slurm, ids), 300, "the resumed job to end")
+    finally:
+        stop.set()
+        watcher.join()
     return dict(slurm=slurm, env=e, res=res, exp=exp, k1_summary=k1_summary, outputs=outputs, ps=seen, tmp=tmp)
 
 
@@ -129,15 +135,15 @@ def test_token_by_file_or_model_args_never_reaches_the_job_record(slurm, tmp_pat
     args = grid_args(tmp_path / "res", "--sbatch-args", "--hold")
     if given == "token_file":
         (tmp_path / "hf").mkdir()
-        (tmp_path / "hf" / "token").write_text(SECRET)
+        (tmp_path / "hf" / "token").write_text(OTHER_SECRET)
     else:
-        args += ["--model-args", f"max_new_tokens=16,token={SECRET}"]
+        args += ["--model-args", f"max_new_tokens=16,token={OTHER_SECRET}"]
     before = set(slurm.jobs())
     res = run_sh(e, *args)
     held = set(slurm.jobs()) - before
     assert res.returncode == 0 and len(held) == 2, res.stderr
     try:
-        no_secret_anywhere(slurm, [res.stdout, res.stderr], [tmp_path / "res"])
+        no_secret_anywhere(slurm, [res.stdout, res.stderr], [tmp_path / "res"], OTHER_SECRET)
         envs = [t for p, t in slurm.stored_job_files().items() if p.endswith("environment") and str(tmp_path) in t]
         assert envs and all("HF_TOKEN_PATH=" in t for t in envs)
     finally:
