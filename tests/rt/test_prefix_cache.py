@@ -155,3 +155,23 @@ def test_shrink_frees_unpinned_blocks_and_halves_the_budget():
     cache.insert(a, [2, 2, 2, 2], *_kv(2))
     assert cache.shrink() == 2 * 2 * 8 * 4
     assert cache.bytes == 0 and cache.budget == 1 << 19
+
+
+def test_the_triton_backend_serves_the_cache_within_its_tolerance(tmp_path):
+    """The triton kernels read served blocks like computed ones (their own extend and decode kernels: within
+    the triton tier, not bit for bit). On CPU in the interpreter: one layer, a short generation."""
+    folder = make_checkpoint(str(tmp_path / "tri"), seed=7, layers=1, hidden=64, heads=4, kv_heads=2, inter=96)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    on = fastdllm_rt.load(folder, backend="triton", device=dev, dtype="fp32", **TINY_IDS)
+    off = fastdllm_rt.load(folder, backend="triton", device=dev, dtype="fp32", prefix_cache=False, **TINY_IDS)
+    _fresh(on)
+    head = _r(2 * BS, 12)
+    reqs = [(head + _r(9, 500), [3]), (head + _r(40, 503), [1, 2])]
+    want, got = off.score(reqs, use_block_cache=True), on.score(reqs, use_block_cache=True)
+    assert got.stats.prefix_tokens_served == 2 * BS
+    assert max(abs(a - b) for a, b in zip(got.loglikelihoods, want.loglikelihoods)) <= 1e-4
+    prompts = [head + _r(5, 600), head + _r(20, 601)]
+    g_off = off.generate(prompts, max_new_tokens=4, use_block_cache=True)
+    g_on = on.generate(prompts, max_new_tokens=4, use_block_cache=True)
+    assert g_on.stats.prefix_tokens_served == 2 * 2 * BS           # the header, served from the scoring call
+    assert g_on.tokens == g_off.tokens
