@@ -23,8 +23,6 @@ from .backend import Backend
 from .batch import ForwardBatch, dense_batch
 from .config import ModelConfig
 
-HEAD_ROW_TILE = 8
-
 
 class RMSNorm(nn.Module):
     """The gain of an RMSNorm. It has no forward of its own: the backend applies it inside the projection that
@@ -154,14 +152,8 @@ class FastDLLM(nn.Module):
         return cos[positions], sin[positions]
 
     def logits(self, hidden):
-        """Final norm + head on the selected hidden states only; fp32 logits. The rows are padded to a multiple
-        of ``HEAD_ROW_TILE`` (CPU BLAS sums rows of a partial tile in another order), so a row's logits do not
-        depend on how many rows a forward projects or where the row sits among them."""
-        n = hidden.shape[0]
-        pad = -n % HEAD_ROW_TILE
-        if n and pad:
-            hidden = torch.cat([hidden, hidden[:1].expand(pad, -1)])
-        return self.backend.norm_linear(hidden, self.norm, self.head_weight, out_dtype=torch.float32)[:n]
+        """Final norm + head on the selected hidden states only; fp32 logits."""
+        return self.backend.norm_linear(hidden, self.norm, self.head_weight, out_dtype=torch.float32)
 
     def forward(self, batch: ForwardBatch, caches=None, reuse=None) -> ForwardOutput:
         """Run one packed forward: fp32 logits ``[len(batch.logits_index), vocab]`` and its layer counts.

@@ -18,6 +18,29 @@ from fastdllm_kernels.select.reference import choice_stats_ref, token_logp_ref
 from .batch import cache_write_ranges
 
 
+# CPU BLAS computes a product's rows by different paths (and, threaded, with different splits of the reduction)
+# depending on how many rows it gets, so a row's result would depend on the rows beside it. On the CPU every
+# matmul therefore runs in tiles of exactly this many rows (the last padded): a row's bits are then the same
+# whatever forward it is in - what makes prefix-cached K/V exact (docs/design.md, Prefix cache).
+GEMM_ROWS = 64
+
+
+def _fixed_row_tiles(x, residual, compute):
+    """``compute(x_tile, residual_tile)`` over tiles of ``GEMM_ROWS`` rows on the CPU; in one call elsewhere."""
+    n = x.shape[0]
+    if x.device.type != "cpu" or n == 0:
+        return compute(x, residual)
+    pad = -n % GEMM_ROWS
+
+    def tiles(t):
+        if pad:
+            t = torch.cat([t, t[-1:].expand(pad, *t.shape[1:])])
+        return t.split(GEMM_ROWS)
+
+    res = tiles(residual) if residual is not None else [None] * ((n + pad) // GEMM_ROWS)
+    return torch.cat([compute(a, r) for a, r in zip(tiles(x), res)])[:n]
+
+
 def _by_geometry(keys, device):
     """[(key, row indices, their token indices)] for rows sharing ``key``, in first-seen order."""
     groups: dict = {}
@@ -87,16 +110,18 @@ class TorchBackend:
     # the layer's matmuls with what surrounds them, composed exactly as the HF layer rounds (the reference of
     # the triton backend's fused linears)
     def norm_linear(self, x, norm, weight, bias=None, out_dtype=None):
-        return fused_linear_ref(x, weight, norm_weight=norm.weight, eps=norm.eps, bias=bias, out_dtype=out_dtype)
+        return _fixed_row_tiles(x, None, lambda t, _: fused_linear_ref(t, weight, norm_weight=norm.weight,
+                                                                       eps=norm.eps, bias=bias, out_dtype=out_dtype))
 
     def qkv_projection(self, x, norm, proj):
         return self.norm_linear(x, norm, proj.weight, proj.bias)
 
     def linear_residual(self, a, weight, residual):
-        return fused_linear_ref(a, weight, residual=residual)
+        return _fixed_row_tiles(a, residual, lambda t, r: fused_linear_ref(t, weight, residual=r))
 
     def norm_swiglu(self, x, norm, gate_up_weight):
-        return fused_linear_ref(x, gate_up_weight, norm_weight=norm.weight, eps=norm.eps, swiglu=True)
+        return _fixed_row_tiles(x, None, lambda t, _: fused_linear_ref(t, gate_up_weight, norm_weight=norm.weight,
+                                                                       eps=norm.eps, swiglu=True))
 
     def prepare(self, model, batch, groups, num_tokens, caches) -> TorchAttnContext:
         return TorchAttnContext(model, batch, groups, num_tokens, caches)

@@ -116,6 +116,26 @@ def test_generation_with_shared_headers_equals_the_cache_off(rts):
     assert all(torch.equal(trace_on[key], trace_off[key]) for key in trace_off)
 
 
+def test_exact_at_widths_and_threads_where_cpu_blas_is_not_row_invariant(tmp_path):
+    """At these widths a plain CPU matmul gives a row other bits when it is computed among fewer rows (and,
+    on two threads, with another split of the reduction); the torch backend's fixed row tiles keep the cache
+    exact there too."""
+    folder = make_checkpoint(str(tmp_path / "wide"), seed=3, layers=2, hidden=256, heads=2, kv_heads=1, inter=896)
+    on, off = fastdllm_rt.load(folder, **TINY_IDS), fastdllm_rt.load(folder, prefix_cache=False, **TINY_IDS)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        head = _r(3 * BS + 5, 21)
+        reqs = [(head + _r(q, 700 + q), [q % 7, 3]) for q in (2, 9, 40)] + [(head[:BS + 3], [1])]
+        want, got = off.score(reqs, use_block_cache=True), on.score(reqs, use_block_cache=True)
+        assert got.stats.prefix_tokens_served > 0
+        assert got.loglikelihoods == want.loglikelihoods
+        prompts = [head + _r(4, 800), head + _r(30, 801)]
+        assert on.generate(prompts, max_new_tokens=12).tokens == off.generate(prompts, max_new_tokens=12).tokens
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ---- the data structure --------------------------------------------------------------------------------
 def _kv(x):
     return torch.full((1, 1, 4, 2), float(x)), torch.full((1, 1, 4, 2), float(x))
