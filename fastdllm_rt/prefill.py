@@ -7,7 +7,7 @@ only its own remaining blocks. Every block a job computes is offered to the cach
 position's logits always computes its last block (a cached block has K/V but no logits).
 
 Exactness: a block's K/V depend only on the tokens of the blocks up to it (the torch backend attends each query
-block over exactly the keys it sees, and the head projects whole tiles of rows), so copied K/V and
+block over exactly the keys it sees, and on the CPU runs every matmul in fixed tiles of rows), so copied K/V and
 logits are bit-identical to those of a prefill of the whole context in one forward.
 """
 from __future__ import annotations
