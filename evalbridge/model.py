@@ -44,7 +44,8 @@ class FastDLLMv2LM(LM):
         self.rt = fastdllm_rt.load(args["model"], dtype=None if args["dtype"] == "auto" else args["dtype"],
                                    device=device, backend=args["backend"], revision=args["revision"],
                                    mask_token_id=args["mask_token_id"], stop_token_id=args["stop_token_id"],
-                                   pad_token_id=args["pad_token_id"])
+                                   pad_token_id=args["pad_token_id"], prefix_cache=args["prefix_cache"],
+                                   prefix_cache_bytes=args["prefix_cache_bytes"])
         self.tokenizer = self.rt.require_tokenizer("lm-eval tasks")
         self._device = self.rt.device
         if args["bd_size"] != self.rt.config.bd_size:
@@ -68,7 +69,8 @@ class FastDLLMv2LM(LM):
             threshold=self.threshold, bd_size=args["bd_size"], small_block_size=self.small_block_size,
             use_block_cache=self.use_block_cache, reuse_k=args["reuse_k"], layer_subset=args["layer_subset"],
             reuse_mode=args["reuse_mode"], subset_size=args["subset_size"], scoring=self.scoring,
-            reveal=self.reveal, prompt_rewrite=self.prompt_rewrite, early_exit=self.early_exit)
+            reveal=self.reveal, prompt_rewrite=self.prompt_rewrite, early_exit=self.early_exit,
+            prefix_cache=args["prefix_cache"], prefix_cache_bytes=args["prefix_cache_bytes"])
         self.throughput = Throughput(self.rt.device, self.rt.config.num_hidden_layers)
         FastDLLMv2LM.instances.append(self)
 

@@ -113,6 +113,9 @@ def _table() -> tuple[Arg, ...]:
             "scoring\"); first_token: one plain forward, as the original adapter"),
         Arg("reveal", "one", _choice(*REVEAL_MODES), "trajectory scoring reveals one token per step, or every "
                                                      "token above the threshold"),
+        Arg("prefix_cache", True, _bool, "compute the whole blocks of a shared few-shot header once and serve "
+                                          "them from a prefix cache (exact; False to compare)"),
+        Arg("prefix_cache_bytes", None, oi, "the prefix cache's memory budget; default: 15% of the free memory"),
         Arg("early_exit", False, _bool, "stop generating a row once it has produced a stop string"),
         Arg("prompt_rewrite", True, _bool, "ask gsm8k/minerva_math for a \\boxed{} answer, as the original "
                                            "evaluation did"),

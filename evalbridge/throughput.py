@@ -97,6 +97,8 @@ def describe(st: CallStats, calls: int, wall_s: float, device_s) -> dict:
         "forwarded_tokens_per_s_device": per_s(st.tokens_forwarded, device_s),
         "requests_per_s_wall": per_s(st.requests, wall_s),
         "tokens_counted": "tokens_generated" if st.tokens_generated else "continuation_tokens_scored",
+        "prefix_served_fraction": (st.prefix_tokens_served / (st.prefix_tokens_served + st.prefix_tokens_computed)
+                                   if st.prefix_tokens_served + st.prefix_tokens_computed else 0.0),
     })
     return d
 

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from .batch import RowRequest, build_batch
+from .batch import Kind, RowRequest, build_batch
 from .errors import NumericsError
 from .profiling import forward_name, named_range
 from .stats import CallStats, ForwardTimer
@@ -63,6 +63,7 @@ class ForwardRunner:
         st = self.stats
         st.model_calls += 1
         st.tokens_forwarded += batch.num_tokens
+        st.prefix_tokens_computed += sum(g.tok_hi - g.tok_lo for g in batch.groups if g.kind is Kind.PREFILL)
         for label, rows in batch.counts_by_kind().items():
             st.forwards[label] += 1
             st.row_forwards[label] += rows

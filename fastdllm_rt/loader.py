@@ -80,11 +80,13 @@ def ready(net: FastDLLM) -> None:
 
 
 def load(model, *, dtype=None, device=None, backend=None, mask_token_id=None, stop_token_id=None,
-         pad_token_id=None, revision=None):
+         pad_token_id=None, revision=None, prefix_cache=True, prefix_cache_bytes=None):
     """Load a Fast-dLLM v2 (or plain Qwen2) checkpoint into our own model code.
 
     ``model``: a local folder or a hub id (e.g. ``Efficient-Large-Model/Fast_dLLM_v2_7B``). Token ids come from
-    the checkpoint's tokenizer and config, with the released values as fallback; pass them to override."""
+    the checkpoint's tokenizer and config, with the released values as fallback; pass them to override.
+    ``prefix_cache``: keep whole context blocks' K/V across requests (docs/design.md, Prefix cache), within
+    ``prefix_cache_bytes`` (default: a fraction of the free memory)."""
     from .runtime import Runtime
 
     folder = resolve_checkpoint(model, revision=revision)
@@ -97,11 +99,13 @@ def load(model, *, dtype=None, device=None, backend=None, mask_token_id=None, st
     net = build_model(config, backend, device)
     load_into(net, folder, dtype, device)
     ready(net)
-    return Runtime(net, tokenizer=tokenizer, token_ids=token_ids, folder=os.path.abspath(folder), backend=backend)
+    return Runtime(net, tokenizer=tokenizer, token_ids=token_ids, folder=os.path.abspath(folder), backend=backend,
+                   prefix_cache=prefix_cache, prefix_cache_bytes=prefix_cache_bytes)
 
 
 def from_state_dict(config, state_dict, *, tokenizer=None, dtype=None, device=None, backend=None,
-                    mask_token_id=None, stop_token_id=None, pad_token_id=None):
+                    mask_token_id=None, stop_token_id=None, pad_token_id=None, prefix_cache=True,
+                    prefix_cache_bytes=None):
     """A ``Runtime`` from an in-memory state dict with the checkpoint's HF names (benchmarks, training)."""
     from .runtime import Runtime
 
@@ -114,4 +118,5 @@ def from_state_dict(config, state_dict, *, tokenizer=None, dtype=None, device=No
     net = build_model(config, backend, device)
     load_state_dict_into(net, state_dict, dtype, device)
     ready(net)
-    return Runtime(net, tokenizer=tokenizer, token_ids=token_ids, folder="(state dict)", backend=backend)
+    return Runtime(net, tokenizer=tokenizer, token_ids=token_ids, folder="(state dict)", backend=backend,
+                   prefix_cache=prefix_cache, prefix_cache_bytes=prefix_cache_bytes)

@@ -11,6 +11,7 @@ import torch
 from .config import DecodeConfig, ScoreConfig, TokenIds
 from .errors import ConfigError, InputError
 from .pool import CachePool
+from .prefix_cache import PrefixCache
 from .reuse import resolve_policy
 from .sampler import GenerationResult, Sampler
 from .scorer import ScoreResult, Scorer
@@ -31,7 +32,10 @@ def _options(options: dict) -> dict:
 
 
 class Runtime:
-    def __init__(self, model, *, tokenizer, token_ids: TokenIds, folder: str, backend: str):
+    def __init__(self, model, *, tokenizer, token_ids: TokenIds, folder: str, backend: str, prefix_cache=True,
+                 prefix_cache_bytes=None):
+        """``prefix_cache``: share whole context blocks' K/V across requests and calls (docs/design.md, Prefix
+        cache); ``prefix_cache_bytes``: its budget (default: 15 % of the free memory when first used)."""
         self.model = model
         self.config = model.config
         self.block_size = model.block_size
@@ -40,6 +44,7 @@ class Runtime:
         self.folder = folder
         self.backend = backend
         self.pool = CachePool(model)
+        self.prefix_cache = PrefixCache(self.block_size, prefix_cache_bytes, model.device) if prefix_cache else None
 
     @property
     def device(self) -> torch.device:
@@ -57,7 +62,7 @@ class Runtime:
                 "stop_token_id": self.token_ids.stop, "pad_token_id": self.token_ids.pad}
 
     def release_caches(self) -> None:
-        """Free the pooled caches and their CUDA graphs (to give memory back)."""
+        """Free the pooled caches and their CUDA graphs (to give memory back); the prefix cache stays."""
         self.pool.release()
 
     def require_tokenizer(self, what: str):

@@ -21,7 +21,9 @@ import torch
 from .batch import Kind, RowRequest
 from .config import DecodeConfig
 from .decoding import BlockState, StepPlanner
-from .forwards import check_finite
+from .choice import greedy_choice as _greedy_choice, sample_top_p as _sample_top_p
+from .prefill import Prefiller, PrefillJob
+from .prefix_cache import Lease
 from .stats import CallStats
 
 
@@ -74,13 +76,42 @@ class Sampler:
         stats = CallStats(num_layers=rt.config.num_hidden_layers, requests=len(rows))
         caches, runner = rt.pool.start_call(n_slots, max_len, self.plan, stats)
         planner = self.planner
-        waiting = deque(rows)
+        cache = rt.prefix_cache
+        lease = Lease(cache) if cache is not None else None
+        evicted = cache.evictions if cache is not None else 0
+        # prompts sharing a header are admitted together (results stay in prompt order)
+        waiting = deque(sorted(rows, key=lambda r: r.prompt) if cache is not None else rows)
         active: list[_Row] = []
+        try:
+            self._loop(planner, caches, runner, waiting, active, lease)
+        finally:
+            if lease is not None:
+                lease.close()
+        stats = runner.finish()
+        stats.prefix_evictions = (cache.evictions - evicted) if cache is not None else 0
+        stats.tokens_generated = sum(len(r.gen) for r in rows)
+        texts = None
+        if rt.tokenizer is not None:
+            texts = [self._text(r) for r in rows]
+        return GenerationResult(tokens=[r.gen for r in rows], finish_reasons=[r.finish_reason for r in rows],
+                                texts=texts, stats=stats)
+
+    def _loop(self, planner, caches, runner, waiting, active, lease) -> None:
+        rt = self.rt
         while waiting or active:
+            admitted = []
             while waiting and caches.free_slots:
                 row = waiting.popleft()
                 self._admit(row, caches.alloc())
                 active.append(row)
+                admitted.append(row)
+            if lease is not None:
+                self._prefill_through_cache(planner, caches, runner, lease, admitted)
+                for row in [r for r in active if r.phase == "done"]:
+                    caches.release(row.state.slot)
+                active[:] = [r for r in active if r.phase != "done"]
+                if not active:
+                    continue
             requests = [self._request(planner, row) for row in active]
             logits, logits_rows = runner.run(requests)
             greedy = _greedy_choice(logits, rt.model.backend)
@@ -88,14 +119,26 @@ class Sampler:
                 self._advance(planner, row, req, logits[lo:hi], greedy[0][lo:hi], greedy[1][lo:hi])
             for row in [r for r in active if r.phase == "done"]:
                 caches.release(row.state.slot)
-            active = [r for r in active if r.phase != "done"]
-        stats = runner.finish()
-        stats.tokens_generated = sum(len(r.gen) for r in rows)
-        texts = None
-        if rt.tokenizer is not None:
-            texts = [self._text(r) for r in rows]
-        return GenerationResult(tokens=[r.gen for r in rows], finish_reasons=[r.finish_reason for r in rows],
-                                texts=texts, stats=stats)
+            active[:] = [r for r in active if r.phase != "done"]
+
+    def _prefill_through_cache(self, planner, caches, runner, lease, rows) -> None:
+        """The prompt prefill of newly admitted rows, whole blocks served from / offered to the prefix cache."""
+        rows = [r for r in rows if r.phase == "prefill"]
+        if not rows:
+            return
+        jobs = [PrefillJob(r.state.slot, r.prompt[:r.state.block_start],
+                           want_logit=len(r.prompt) == r.state.block_start) for r in rows]
+        Prefiller(runner, caches, self.rt.prefix_cache, lease).run(jobs)
+        scored = [job.logits for job in jobs if job.want_logit]
+        conf, x0 = _greedy_choice(torch.cat(scored), self.rt.model.backend) if scored else (None, None)
+        k = 0
+        for row, job in zip(rows, jobs):
+            req = RowRequest(Kind.PREFILL, job.slot, 0, torch.tensor(job.tokens))
+            if job.want_logit:
+                self._advance(planner, row, req, job.logits, conf[k:k + 1], x0[k:k + 1])
+                k += 1
+            else:
+                self._advance(planner, row, req, None, None, None)
 
     # ---- per-row transitions -----------------------------------------------------------------------------
     def _admit(self, row: _Row, slot: int) -> None:
@@ -236,33 +279,6 @@ class Sampler:
         g = torch.Generator(device=self.rt.device)
         g.manual_seed((self.cfg.seed or 0) * 1_000_003 + index)
         return g
-
-
-def _greedy_choice(logits: torch.Tensor, backend):
-    """Confidence and argmax of every logits row, as the original's temperature-0 path defines them (the
-    largest softmax probability and its index), moved to the host with their finiteness in one copy - the
-    host waits for the GPU once per step. The backend computes them (``choice_stats``): the torch backend as
-    the original (softmax, then max), the triton backend in one split pass over the vocabulary, where
-    PyTorch's softmax and max over a 152k vocabulary would keep the GPU idle for most of a decode step."""
-    if logits.numel() == 0:
-        return torch.empty(0), torch.empty(0, dtype=torch.long)
-    host = backend.choice_stats(logits).cpu()
-    check_finite(bool(host[2].all()), "sampling")
-    return host[0], host[1].long()
-
-
-def _sample_top_p(logits, temperature, top_p, generator):
-    """Temperature + nucleus sampling for one row's positions (without the original's row-0 defect)."""
-    probs = torch.softmax(logits / temperature, dim=-1)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    remove = sorted_p.cumsum(-1) > top_p
-    remove[..., 1:] = remove[..., :-1].clone()
-    remove[..., 0] = False
-    probs = probs.masked_fill(torch.zeros_like(remove).scatter(-1, order, remove), 0.0)
-    probs = probs / probs.sum(-1, keepdim=True)
-    x = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    conf = probs.gather(-1, x[:, None]).squeeze(-1)
-    return x.cpu(), conf.cpu()
 
 
 def _first_stop(text: str, stops: list[str]):

@@ -14,6 +14,8 @@ import torch
 from .cache import Caches
 from .config import ScoreConfig
 from .decoding import StepPlanner
+from .prefill import Prefiller
+from .prefix_cache import Lease
 from .scoring import FirstTokenScorer, ScoreChunk, TrajectoryScorer
 from .stats import CallStats
 
@@ -70,8 +72,11 @@ class Scorer:
         groups: dict = {}
         for i, (c, _) in enumerate(requests):
             groups.setdefault(tuple(c), []).append(i)
+        order = list(groups)
+        if self.rt.prefix_cache is not None:
+            order.sort()                    # contexts sharing a header run together (results stay in order)
         chunk: list[int] = []
-        for members in groups.values():
+        for members in (groups[c] for c in order):
             if chunk and len(chunk) + len(members) > size:
                 yield chunk
                 chunk = []
@@ -98,6 +103,12 @@ class Scorer:
                 raise
         # outside the except block: the failed attempt's frames (and their tensors) are gone now
         self.rt.release_caches()
+        cache = self.rt.prefix_cache
+        if cache is not None and cache.bytes:
+            freed = cache.shrink()              # the prefix cache gives way before any batch is halved
+            stats.notes.append(f"prefix cache shrank by {freed} bytes after running out of GPU memory")
+            self._score_backing_off(requests, ids, ll, greedy, stats)
+            return
         half = len(ids) // 2
         if not any(n.startswith(BACKED_OFF) for n in stats.notes):     # once per call
             log.warning("scoring %d requests at once did not fit in GPU memory; retrying in smaller chunks "
@@ -113,14 +124,24 @@ class Scorer:
         max_len = max(len(c) + len(x) for c, x in sub) + 2 * cfg.block_size
         caches, runner = self.rt.pool.start_call(len(sub) + 1, max_len, self.plan,
                                                  CallStats(num_layers=self.num_layers))
-        if cfg.scoring == "trajectory":
-            planner = StepPlanner(ids_tok.mask, block_size=cfg.block_size, sub_block_size=cfg.sub_block_size,
-                                  use_block_cache=cfg.use_block_cache, plan=self.plan)
-            TrajectoryScorer(runner, planner, caches, reveal=cfg.reveal, threshold=cfg.threshold).run(chunk)
-        else:
-            FirstTokenScorer(runner, caches, mask_id=ids_tok.mask, stop_id=ids_tok.stop,
-                             block_size=cfg.block_size).run(chunk)
+        cache = self.rt.prefix_cache
+        lease = Lease(cache) if cache is not None else None
+        evicted = cache.evictions if cache is not None else 0
+        prefiller = Prefiller(runner, caches, cache, lease) if cache is not None else None
+        try:
+            if cfg.scoring == "trajectory":
+                planner = StepPlanner(ids_tok.mask, block_size=cfg.block_size, sub_block_size=cfg.sub_block_size,
+                                      use_block_cache=cfg.use_block_cache, plan=self.plan)
+                TrajectoryScorer(runner, planner, caches, reveal=cfg.reveal, threshold=cfg.threshold,
+                                 prefiller=prefiller).run(chunk)
+            else:
+                FirstTokenScorer(runner, caches, mask_id=ids_tok.mask, stop_id=ids_tok.stop,
+                                 block_size=cfg.block_size, prefiller=prefiller).run(chunk)
+        finally:
+            if lease is not None:
+                lease.close()
         part = runner.finish()
+        part.prefix_evictions = (cache.evictions - evicted) if cache is not None else 0
         part.requests = 0
         part.continuation_tokens_scored = chunk.tokens_scored
         stats.merge(part)

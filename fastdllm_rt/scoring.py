@@ -14,7 +14,9 @@ differ, so identical scoring inputs are computed once (MMLU's four one-token cho
 
 ``first_token``: the original evaluation exactly: mask the first continuation token, stop token
 after the continuation, masks to the block end, one plain forward, log p(first token). Identical inputs are
-forwarded once and the whole blocks before the scored one are prefilled once per distinct prefix.
+forwarded once and the whole blocks before the scored one are prefilled once per distinct prefix. Those blocks
+hold only context tokens, so the prefix cache serves them too: the plain forward of the scored block reads
+the same K/V bits either way.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import torch
 from .batch import Kind, RowRequest
 from .decoding import StepPlanner
 from .forwards import ForwardRunner, check_finite
+from .prefill import PrefillJob
 
 
 class _Node:
@@ -66,8 +69,10 @@ def _gather_logp(logits, pairs, backend):
 
 
 class TrajectoryScorer:
-    def __init__(self, runner: ForwardRunner, planner: StepPlanner, caches, *, reveal: str, threshold: float):
-        self.runner, self.planner, self.caches = runner, planner, caches
+    def __init__(self, runner: ForwardRunner, planner: StepPlanner, caches, *, reveal: str, threshold: float,
+                 prefiller=None):
+        """``prefiller``: a ``Prefiller`` serving context blocks from the prefix cache (None: plain prefill)."""
+        self.runner, self.planner, self.caches, self.prefiller = runner, planner, caches, prefiller
         self.mask, self.block_size, self.sub_block_size = planner.mask_id, planner.block_size, planner.sub_block_size
         self.reveal, self.log_threshold = reveal, (math.log(threshold) if threshold > 0 else -math.inf)
 
@@ -83,21 +88,54 @@ class TrajectoryScorer:
             if not whole:
                 self._open_block(node, 0, [])
             nodes.append(node)
+        if self.prefiller is not None:
+            nodes = self._prefill_through_cache(nodes)
         while nodes:
             plans = [self._plan(node) for node in nodes]
             logits, logits_rows = self.runner.run([req for req, _ in plans])
-            pairs, where = [], []
-            for node, (req, positions), (_, lo, _) in zip(nodes, plans, logits_rows):
-                mine = []
-                for j, pos in positions:
-                    for i in node.requests:
-                        if pos < chunk.end(i):
-                            mine.append((i, pos, len(pairs)))
-                            pairs.append((lo + j, chunk.token_at(i, pos)))
-                where.append(mine)
-            logp, argmax = _gather_logp(logits, pairs, self.runner.model.backend)
-            nodes = [child for node, (req, positions), mine in zip(nodes, plans, where)
-                     for child in self._advance(node, req, positions, [(i, p, logp[k], argmax[k]) for i, p, k in mine])]
+            nodes = self._step(nodes, plans, logits, logits_rows)
+
+    def _prefill_through_cache(self, nodes: list[_Node]) -> list[_Node]:
+        """The prefill phase of every node at once, its whole context blocks served from / offered to the
+        prefix cache; a context ending on a block boundary scores its first token from the prefill's logits."""
+        todo = [n for n in nodes if n.phase == "prefill"]
+        jobs = []
+        for node in todo:
+            ctx = self.c.requests[node.requests[0]][0]
+            jobs.append(PrefillJob(node.state.slot, ctx[:node.state.block_start],
+                                   want_logit=node.state.block_start == len(ctx)))
+        self.prefiller.run(jobs)
+        out = [n for n in nodes if n.phase != "prefill"]
+        scoring, plans, rows, parts = [], [], [], []
+        for node, job in zip(todo, jobs):
+            if job.want_logit:
+                req = RowRequest(Kind.PREFILL, node.state.slot, 0, torch.tensor(job.tokens), logits_at=[0])
+                scoring.append(node)
+                plans.append((req, [(0, node.state.block_start)]))
+                rows.append((len(rows), len(parts), len(parts) + 1))
+                parts.append(job.logits)
+            else:
+                self._open_block(node, node.state.block_start, [])
+                out.append(node)
+        if scoring:
+            out += self._step(scoring, plans, torch.cat(parts), rows)
+        return out
+
+    def _step(self, nodes, plans, logits, logits_rows) -> list[_Node]:
+        """Add the log-probabilities this step revealed and advance every node; returns the live nodes."""
+        chunk = self.c
+        pairs, where = [], []
+        for node, (req, positions), (_, lo, _) in zip(nodes, plans, logits_rows):
+            mine = []
+            for j, pos in positions:
+                for i in node.requests:
+                    if pos < chunk.end(i):
+                        mine.append((i, pos, len(pairs)))
+                        pairs.append((lo + j, chunk.token_at(i, pos)))
+            where.append(mine)
+        logp, argmax = _gather_logp(logits, pairs, self.runner.model.backend)
+        return [child for node, (req, positions), mine in zip(nodes, plans, where)
+                for child in self._advance(node, req, positions, [(i, p, logp[k], argmax[k]) for i, p, k in mine])]
 
     # ---- planning ----------------------------------------------------------------------------------------
     def _open_block(self, node: _Node, block_start: int, known: list[int]) -> None:
@@ -200,8 +238,9 @@ class TrajectoryScorer:
 class FirstTokenScorer:
     """The original evaluation, batched: shared prefixes prefilled once, identical inputs once."""
 
-    def __init__(self, runner: ForwardRunner, caches, *, mask_id, stop_id, block_size):
-        self.runner, self.caches = runner, caches
+    def __init__(self, runner: ForwardRunner, caches, *, mask_id, stop_id, block_size, prefiller=None):
+        """``prefiller``: a ``Prefiller`` serving the prefixes from the prefix cache (None: plain prefill)."""
+        self.runner, self.caches, self.prefiller = runner, caches, prefiller
         self.mask, self.stop, self.block_size = mask_id, stop_id, block_size
 
     def original_input(self, ctx, cont) -> list[int]:
@@ -223,7 +262,9 @@ class FirstTokenScorer:
             rows.setdefault(key, []).append(i)
             if key[0] and key[0] not in prefixes:
                 prefixes[key[0]] = self.caches.alloc()
-        if prefixes:
+        if prefixes and self.prefiller is not None:
+            self.prefiller.run([PrefillJob(slot, list(p)) for p, slot in prefixes.items()])
+        elif prefixes:
             self.runner.run([RowRequest(Kind.PREFILL, slot, 0, torch.tensor(p)) for p, slot in prefixes.items()])
         scratch = self.caches.alloc() if any(not k[0] for k in rows) else None
         reqs, pairs = [], []

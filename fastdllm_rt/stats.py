@@ -27,6 +27,9 @@ class CallStats:
     tokens_forwarded: int = 0
     tokens_generated: int = 0
     continuation_tokens_scored: int = 0
+    prefix_tokens_served: int = 0       # context/prompt tokens whose K/V came from the prefix cache
+    prefix_tokens_computed: int = 0     # context/prompt tokens prefilled by a forward
+    prefix_evictions: int = 0           # blocks the prefix cache evicted during the call
     layers_computed: list = field(default_factory=list)
     layers_skipped: list = field(default_factory=list)
     wall_time_s: float = 0.0
@@ -61,6 +64,9 @@ class CallStats:
         self.tokens_forwarded += other.tokens_forwarded
         self.tokens_generated += other.tokens_generated
         self.continuation_tokens_scored += other.continuation_tokens_scored
+        self.prefix_tokens_served += other.prefix_tokens_served
+        self.prefix_tokens_computed += other.prefix_tokens_computed
+        self.prefix_evictions += other.prefix_evictions
         self.layers_computed = [a + b for a, b in zip(self.layers_computed, other.layers_computed)]
         self.layers_skipped = [a + b for a, b in zip(self.layers_skipped, other.layers_skipped)]
         self.wall_time_s += other.wall_time_s
@@ -76,6 +82,8 @@ class CallStats:
             "row_forwards": dict(self.row_forwards), "model_calls": self.model_calls,
             "tokens_forwarded": self.tokens_forwarded, "tokens_generated": self.tokens_generated,
             "continuation_tokens_scored": self.continuation_tokens_scored,
+            "prefix_cache": {"tokens_served": self.prefix_tokens_served,
+                             "tokens_computed": self.prefix_tokens_computed, "evictions": self.prefix_evictions},
             "layer_evaluations": {"computed": self.computed_layer_evaluations,
                                   "skipped": self.skipped_layer_evaluations,
                                   "computed_per_layer": list(self.layers_computed),
@@ -92,6 +100,9 @@ class CallStats:
                    model_calls=d["model_calls"], tokens_forwarded=d["tokens_forwarded"],
                    tokens_generated=d["tokens_generated"],
                    continuation_tokens_scored=d["continuation_tokens_scored"],
+                   prefix_tokens_served=d.get("prefix_cache", {}).get("tokens_served", 0),
+                   prefix_tokens_computed=d.get("prefix_cache", {}).get("tokens_computed", 0),
+                   prefix_evictions=d.get("prefix_cache", {}).get("evictions", 0),
                    layers_computed=list(le["computed_per_layer"]), layers_skipped=list(le["skipped_per_layer"]),
                    wall_time_s=d["wall_time_s"], forward_time_s=d["forward_time_s"], timer=d["forward_timer"],
                    notes=list(d.get("notes", [])))

@@ -2,8 +2,9 @@
 
 Norms, RoPE, SwiGLU and the fused linears are the PyTorch references that live beside the kernels
 (``fastdllm_kernels.<op>.reference``), composed as the Hugging Face layer rounds; attention is
-``scaled_dot_product_attention`` over padded rows, with the padding and visibility of every group built once
-per forward (``prepare``) and shared by all layers.
+``scaled_dot_product_attention`` per window geometry and query block, over exactly the keys each block sees
+(no padding, no mask), so a row's result never depends on its batch; each group's layout is built once per
+forward (``prepare``) and shared by all layers.
 """
 from __future__ import annotations
 
@@ -17,40 +18,61 @@ from fastdllm_kernels.select.reference import choice_stats_ref, token_logp_ref
 from .batch import cache_write_ranges
 
 
+# CPU BLAS computes a product's rows by different paths (and, threaded, with different splits of the reduction)
+# depending on how many rows it gets, so a row's result would depend on the rows beside it. On the CPU every
+# matmul therefore runs in tiles of exactly this many rows (the last padded): a row's bits are then the same
+# whatever forward it is in - what makes prefix-cached K/V exact (docs/design.md, Prefix cache).
+GEMM_ROWS = 64
+
+
+def _fixed_row_tiles(x, residual, compute):
+    """``compute(x_tile, residual_tile)`` over tiles of ``GEMM_ROWS`` rows on the CPU; in one call elsewhere."""
+    n = x.shape[0]
+    if x.device.type != "cpu" or n == 0:
+        return compute(x, residual)
+    pad = -n % GEMM_ROWS
+
+    def tiles(t):
+        if pad:
+            t = torch.cat([t, t[-1:].expand(pad, *t.shape[1:])])
+        return t.split(GEMM_ROWS)
+
+    res = tiles(residual) if residual is not None else [None] * ((n + pad) // GEMM_ROWS)
+    return torch.cat([compute(a, r) for a, r in zip(tiles(x), res)])[:n]
+
+
+def _by_geometry(keys, device):
+    """[(key, row indices, their token indices)] for rows sharing ``key``, in first-seen order."""
+    groups: dict = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return [(key, torch.tensor(rows, device=device), rows) for key, rows in groups.items()]
+
+
 class _ExtendPlan:
-    """Layer-independent layout of one extend group: padded row indices and the key visibility mask."""
+    """Layer-independent layout of one extend group: rows grouped by window geometry (start, length), with the
+    token indices of each geometry's rows (host values, read once per forward)."""
 
     def __init__(self, group, block_size, device):
-        lens = group.lens
-        R, n_max = len(lens), max(lens)
-        self.uniform = len(set(lens)) == 1
-        self.n_max = n_max
-        self.s_max = int(group.starts.max()) if R else 0
-        ar_n = torch.arange(n_max, device=device)
-        cu = group.cu
-        self.pad_idx = torch.minimum(cu[:-1, None] + ar_n[None, :], (cu[1:] - 1)[:, None])
-        lens_t = torch.tensor(lens, device=device)
-        self.valid = (ar_n[None, :] < lens_t[:, None]).reshape(-1)
-        ar_s = torch.arange(self.s_max, device=device)
-        starts = group.starts
-        q_pos = starts[:, None] + ar_n[None, :]
-        k_pos = torch.cat([ar_s[None, :].expand(R, -1), q_pos], dim=1)
-        k_valid = torch.cat([ar_s[None, :] < starts[:, None], ar_n[None, :] < lens_t[:, None]], dim=1)
-        allowed = k_valid[:, None, :] & (q_pos[:, :, None] // block_size >= k_pos[:, None, :] // block_size)
-        # padded query rows see their own key so softmax stays finite; their outputs are dropped
-        allowed |= ~(ar_n[None, :] < lens_t[:, None])[:, :, None] & (torch.arange(allowed.shape[-1], device=device)
-                                                                     == self.s_max)[None, None, :]
-        self.mask = None if bool(allowed.all()) else allowed[:, None]
+        self.block_size = block_size
+        starts, lens = group.starts.tolist(), group.lens
+        offs = [0]
+        for n in lens:
+            offs.append(offs[-1] + n)
+        self.shapes = []
+        for (s, n), rows_t, rows in _by_geometry(list(zip(starts, lens)), device):
+            tok = torch.tensor([offs[i] + j for i in rows for j in range(n)], device=device)
+            self.shapes.append(((s, n), rows_t, tok))
 
 
 class _SubPlan:
+    """Rows of one sub-block group, grouped by block start (they see the same number of prefix keys)."""
+
     def __init__(self, group, block_size, device):
-        R = group.num_rows
         self.n = group.lens[0]
-        self.p_max = int(group.starts.max()) if R else 0
-        k_valid = torch.cat([torch.arange(self.p_max, device=device)[None, :] < group.starts[:, None],
-                             torch.ones(R, block_size, dtype=torch.bool, device=device)], dim=1)
-        self.mask = None if bool(k_valid.all()) else k_valid[:, None, None, :]
+        self.by_start = [(p, rows_t, torch.tensor([i * self.n + j for i in rows for j in range(self.n)],
+                                                  device=device))
+                         for p, rows_t, rows in _by_geometry(group.starts.tolist(), device)]
 
 
 class TorchAttnContext:
@@ -88,16 +110,18 @@ class TorchBackend:
     # the layer's matmuls with what surrounds them, composed exactly as the HF layer rounds (the reference of
     # the triton backend's fused linears)
     def norm_linear(self, x, norm, weight, bias=None, out_dtype=None):
-        return fused_linear_ref(x, weight, norm_weight=norm.weight, eps=norm.eps, bias=bias, out_dtype=out_dtype)
+        return _fixed_row_tiles(x, None, lambda t, _: fused_linear_ref(t, weight, norm_weight=norm.weight,
+                                                                       eps=norm.eps, bias=bias, out_dtype=out_dtype))
 
     def qkv_projection(self, x, norm, proj):
         return self.norm_linear(x, norm, proj.weight, proj.bias)
 
     def linear_residual(self, a, weight, residual):
-        return fused_linear_ref(a, weight, residual=residual)
+        return _fixed_row_tiles(a, residual, lambda t, r: fused_linear_ref(t, weight, residual=r))
 
     def norm_swiglu(self, x, norm, gate_up_weight):
-        return fused_linear_ref(x, gate_up_weight, norm_weight=norm.weight, eps=norm.eps, swiglu=True)
+        return _fixed_row_tiles(x, None, lambda t, _: fused_linear_ref(t, gate_up_weight, norm_weight=norm.weight,
+                                                                       eps=norm.eps, swiglu=True))
 
     def prepare(self, model, batch, groups, num_tokens, caches) -> TorchAttnContext:
         return TorchAttnContext(model, batch, groups, num_tokens, caches)
@@ -149,25 +173,39 @@ class TorchBackend:
 
     @staticmethod
     def extend_attention(q, k, v, prefix_k, prefix_v, group, plan, scale):
-        R = group.num_rows
-        if plan.uniform:
-            qp, kp, vp = (t.reshape(R, plan.n_max, *t.shape[1:]) for t in (q, k, v))
-        else:
-            qp, kp, vp = q[plan.pad_idx], k[plan.pad_idx], v[plan.pad_idx]
-        if plan.s_max:
-            kp = torch.cat([prefix_k[group.slots, :, :plan.s_max].transpose(1, 2).to(q.dtype), kp], dim=1)
-            vp = torch.cat([prefix_v[group.slots, :, :plan.s_max].transpose(1, 2).to(q.dtype), vp], dim=1)
-        out = F.scaled_dot_product_attention(qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2),
-                                             attn_mask=plan.mask, scale=scale, enable_gqa=True).transpose(1, 2)
-        out = out.reshape(R * plan.n_max, *q.shape[1:])
-        return out if plan.uniform else out[plan.valid]
+        """Rows with equal window geometry (start, length) attend together, one query block at a time, over
+        exactly the keys that block sees (no padding, no mask). Every query's result then depends only on
+        its row's keys, not on which rows share the forward or how a prefix was split into forwards - so
+        K/V served from the prefix cache give the same bits as K/V computed in place."""
+        bs = plan.block_size
+        out = torch.empty_like(q)
+        for (s, n), rows, tok in plan.shapes:
+            R = len(rows)
+            qr, kr, vr = (t[tok].reshape(R, n, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
+            if s:
+                slots = group.slots[rows]
+                kr = torch.cat([prefix_k[slots, :, :s].to(q.dtype), kr], dim=2)
+                vr = torch.cat([prefix_v[slots, :, :s].to(q.dtype), vr], dim=2)
+            res = torch.empty_like(qr)
+            lo = 0
+            while lo < n:
+                hi = min(lo + bs - (s + lo) % bs, n)
+                res[:, :, lo:hi] = F.scaled_dot_product_attention(qr[:, :, lo:hi], kr[:, :, :s + hi],
+                                                                  vr[:, :, :s + hi], scale=scale, enable_gqa=True)
+                lo = hi
+            out[tok] = res.transpose(1, 2).reshape(R * n, *q.shape[1:])
+        return out
 
     @staticmethod
     def sub_attention(q, prefix_k, prefix_v, block_k, block_v, group, plan, scale):
-        R = group.num_rows
-        keys = torch.cat([prefix_k[group.slots, :, :plan.p_max], block_k[group.slots]], dim=2).to(q.dtype)
-        vals = torch.cat([prefix_v[group.slots, :, :plan.p_max], block_v[group.slots]], dim=2).to(q.dtype)
-        qp = q.reshape(R, plan.n, *q.shape[1:]).transpose(1, 2)
-        out = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=plan.mask, scale=scale, enable_gqa=True)
-        return out.transpose(1, 2).reshape(q.shape)
-
+        """Per block start, the rows' queries over their prefix and block keys (no padding, no mask)."""
+        out = torch.empty_like(q)
+        n = plan.n
+        for p, rows, tok in plan.by_start:
+            slots, R = group.slots[rows], rows.numel()
+            keys = torch.cat([prefix_k[slots, :, :p], block_k[slots]], dim=2).to(q.dtype)
+            vals = torch.cat([prefix_v[slots, :, :p], block_v[slots]], dim=2).to(q.dtype)
+            qp = q[tok].reshape(R, n, *q.shape[1:]).transpose(1, 2)
+            res = F.scaled_dot_product_attention(qp, keys, vals, scale=scale, enable_gqa=True)
+            out[tok] = res.transpose(1, 2).reshape(R * n, *q.shape[1:])
+        return out

@@ -134,8 +134,16 @@ def test_five_shot_four_choice_costs_one_scoring_forward_plus_the_shared_prefill
     results, tp = _evaluate(f"model={MODEL}", ["synth_mc_letter"], n, num_fewshot=5)
     rf = tp["loglikelihood"]["row_forwards"]
     assert tp["loglikelihood"]["requests"] == 4 * n
-    assert rf["prefill"] + rf["commit"] == n                      # shared context, once per question
-    assert rf["full_block"] + rf["prefill"] + rf["commit"] + rf["sub_block"] <= 2 * n
+    # each question's own context blocks once, and the shared five-shot header's whole blocks once for all
+    # (the prefix cache serves them to the other questions)
+    assert rf["prefill"] + rf["commit"] <= n + 1
+    cache = tp["loglikelihood"]["prefix_cache"]
+    assert cache["tokens_served"] >= (n - 1) * 32 and tp["loglikelihood"]["prefix_served_fraction"] > 0.5
+    off, tp_off = _evaluate(f"model={MODEL},prefix_cache=False", ["synth_mc_letter"], n, num_fewshot=5)
+    assert off == results                                         # the switch changes the cost, not the numbers
+    assert tp_off["loglikelihood"]["row_forwards"]["prefill"] == n
+    assert tp_off["loglikelihood"]["prefix_cache"]["tokens_served"] == 0
+    assert rf["full_block"] + rf["prefill"] + rf["commit"] + rf["sub_block"] <= 2 * n + 1
     assert rf["full_block"] <= n
 
 

@@ -27,9 +27,12 @@ def rt(oracle):
 
 
 def _as_original_counts(stats):
-    """The original counts the prefill as a commit-kind forward."""
+    """The original counts the prefill as a commit-kind forward. With the prefix cache on (the default) a
+    prompt whose whole blocks a previous case already computed is served without a prefill forward: that
+    served prefill stands for the original's one."""
     f = stats.forwards
-    return {"commit": f["prefill"] + f["commit"], "full_block": f["full_block"], "sub_block": f["sub_block"]}
+    prefill = f["prefill"] or (1 if stats.prefix_tokens_served else 0)
+    return {"commit": prefill + f["commit"], "full_block": f["full_block"], "sub_block": f["sub_block"]}
 
 
 def _budget(case):

@@ -115,7 +115,7 @@ def test_a_decoded_mask_id_is_a_token_and_the_row_stays_inside_its_cache(tmp_pat
     cfg = tiny_config(layers=2, hidden=32, heads=4, kv_heads=2, inter=64)
     sd = random_state_dict(cfg)
     sd["lm_head.weight"][511] = sd["model.norm.weight"] * 50
-    rt = fastdllm_rt.load(write_checkpoint(str(tmp_path / "masker"), cfg, sd), **TINY_IDS)
+    rt = fastdllm_rt.load(write_checkpoint(str(tmp_path / "masker"), cfg, sd), prefix_cache=False, **TINY_IDS)
     prompts = [_p(n, n) for n in (961, 963, 956, 31, 33)]     # 961 + 16 fills its slot's last block exactly
     for ee in (False, True):
         out = rt.generate(prompts, max_new_tokens=16, threshold=1.0, early_exit=ee)

@@ -89,8 +89,11 @@ def test_four_one_token_choices_cost_one_scoring_forward(pair):
     res = rt.score([(ctx, [c]) for c in (1, 2, 3, 4)])
     rf = res.stats.row_forwards
     assert rf["prefill"] == 1 and rf["full_block"] == 1 and rf["sub_block"] == 0 and rf["commit"] == 0
+    assert res.stats.prefix_tokens_computed == 128          # the context's four whole blocks
     ft = rt.score([(ctx, [c]) for c in (1, 2, 3, 4)], scoring="first_token")
-    assert ft.stats.row_forwards["prefill"] == 1 and ft.stats.row_forwards["plain"] == 1
+    # the whole blocks come from the prefix cache the first call filled: no prefill forward, one plain
+    assert ft.stats.prefix_tokens_served == 128 and ft.stats.prefix_tokens_computed == 0
+    assert ft.stats.row_forwards["prefill"] == 0 and ft.stats.row_forwards["plain"] == 1
     on_boundary = rt.score([(_r(64, 8), [c]) for c in (1, 2, 3, 4)])
     assert on_boundary.stats.total_row_forwards == 1       # the prefill's last logit predicts them all
 

@@ -1,0 +1,157 @@
+"""The prefix cache: K/V of whole committed context blocks, kept across requests and calls of one runtime
+(docs/design.md, Prefix cache).
+
+A trie of blocks: a node is one block of ``block_size`` token ids, keyed among its parent's children by those
+ids themselves (a dict of tuples: the hash finds the candidate, the tuple comparison verifies every id), so a
+node stands for exactly one token prefix and its K/V (every layer, ``[L, Hkv, block_size, D]``) are the ones
+any row with that prefix would compute for that block. Memory is bounded by ``budget`` bytes: a block that
+does not fit evicts the least recently used unpinned leaves; pinned blocks (read by the running chunk) are never
+evicted, and when nothing can be evicted the block is simply not cached.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+class Block:
+    __slots__ = ("tokens", "parent", "children", "k", "v", "pins", "used", "nbytes")
+
+    def __init__(self, tokens, parent, k=None, v=None):
+        self.tokens, self.parent, self.children = tokens, parent, {}
+        self.k, self.v = k, v
+        self.pins = 0
+        self.used = 0
+        self.nbytes = 0 if k is None else 2 * k.numel() * k.element_size()
+
+
+class Lease:
+    """The blocks one unit of work (a scoring chunk, a generation call) reads: pinned until ``close``."""
+
+    def __init__(self, cache: "PrefixCache"):
+        self.cache, self.blocks = cache, []
+
+    def pin(self, blocks) -> None:
+        for b in blocks:
+            b.pins += 1
+            self.blocks.append(b)
+
+    def close(self) -> None:
+        for b in self.blocks:
+            b.pins -= 1
+        self.blocks = []
+
+
+class PrefixCache:
+    def __init__(self, block_size: int, budget: int | None = None, device=None):
+        self.block_size = block_size
+        self._budget = budget
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.root = Block((), None)
+        self.bytes = 0
+        self.blocks = 0
+        self.evictions = 0
+        self._clock = 0
+
+    @property
+    def budget(self) -> int:
+        """Bytes the cache may hold (default: 15 % of the device's free memory when first asked)."""
+        if self._budget is None:
+            self._budget = int(0.15 * free_memory(self.device))
+        return self._budget
+
+    # ---- lookup and insertion ----------------------------------------------------------------------------
+    def _tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    def match(self, tokens, max_blocks: int) -> list[Block]:
+        """The cached chain of the longest whole-block prefix of ``tokens`` (at most ``max_blocks`` blocks)."""
+        bs, node, chain = self.block_size, self.root, []
+        now = self._tick()
+        for b in range(max_blocks):
+            node = node.children.get(tuple(tokens[b * bs:(b + 1) * bs]))
+            if node is None:
+                break
+            node.used = now
+            chain.append(node)
+        return chain
+
+    def insert(self, parent: Block | None, tokens, k: torch.Tensor, v: torch.Tensor) -> Block | None:
+        """The child of ``parent`` (None: the root) holding block ``tokens`` with K/V ``k``, ``v`` (copied);
+        None when the budget has no room even after evicting every unpinned leaf."""
+        parent = parent or self.root
+        key = tuple(tokens)
+        node = parent.children.get(key)
+        if node is None:
+            need = 2 * k.numel() * k.element_size()
+            parent.pins += 1                 # the chain being extended is not an eviction candidate
+            room = self._make_room(need)
+            parent.pins -= 1
+            if not room:
+                return None
+            node = Block(key, parent, k.clone(), v.clone())
+            parent.children[key] = node
+            self.bytes += node.nbytes
+            self.blocks += 1
+        node.used = self._tick()
+        return node
+
+    # ---- eviction ----------------------------------------------------------------------------------------
+    def _make_room(self, need: int) -> bool:
+        if need > self.budget:
+            return False
+        while self.bytes + need > self.budget:
+            victims = sorted((b for b in self._nodes() if not b.children and not b.pins), key=lambda b: b.used)
+            if not victims:
+                return False
+            for b in victims:
+                if self.bytes + need <= self.budget:
+                    break
+                self._evict(b)
+        return True
+
+    def _evict(self, node: Block) -> None:
+        del node.parent.children[node.tokens]
+        node.k = node.v = None
+        self.bytes -= node.nbytes
+        self.blocks -= 1
+        self.evictions += 1
+
+    def _nodes(self):
+        stack = list(self.root.children.values())
+        while stack:
+            node = stack.pop()
+            yield node
+            stack.extend(node.children.values())
+
+    def shrink(self) -> int:
+        """Under memory pressure: evict every unpinned block and halve the budget; returns the bytes freed."""
+        before = self.bytes
+        while True:
+            leaves = [b for b in self._nodes() if not b.children and not b.pins]
+            if not leaves:
+                break
+            for b in leaves:
+                self._evict(b)
+        self._budget = max(self.budget // 2, 0)
+        return before - self.bytes
+
+    def clear(self) -> None:
+        self.root = Block((), None)
+        self.bytes = self.blocks = 0
+
+
+def free_memory(device: torch.device) -> int:
+    """Free bytes on ``device``: the GPU's free memory, or the host's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
