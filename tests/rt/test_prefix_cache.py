@@ -16,10 +16,12 @@ def _r(n, seed):
 
 @pytest.fixture(scope="module")
 def rts(tmp_path_factory):
-    """(cache on, cache off) over the same checkpoint (4 layers: the cache's work is per layer alike)."""
+    """(cache on, cache off) over the same checkpoint (4 layers: the cache's work is per layer alike), on the
+    CPU in fp32, where the cache is exact."""
     folder = make_checkpoint(str(tmp_path_factory.mktemp("tiny4")), seed=5, layers=4, hidden=32, heads=4,
                              kv_heads=2, inter=64)
-    return fastdllm_rt.load(folder, **TINY_IDS), fastdllm_rt.load(folder, prefix_cache=False, **TINY_IDS)
+    return (fastdllm_rt.load(folder, device="cpu", **TINY_IDS),
+            fastdllm_rt.load(folder, device="cpu", prefix_cache=False, **TINY_IDS))
 
 
 def _fresh(rt, budget=None):
@@ -121,7 +123,8 @@ def test_exact_at_widths_and_threads_where_cpu_blas_is_not_row_invariant(tmp_pat
     on two threads, with another split of the reduction); the torch backend's fixed row tiles keep the cache
     exact there too."""
     folder = make_checkpoint(str(tmp_path / "wide"), seed=3, layers=2, hidden=256, heads=2, kv_heads=1, inter=896)
-    on, off = fastdllm_rt.load(folder, **TINY_IDS), fastdllm_rt.load(folder, prefix_cache=False, **TINY_IDS)
+    on = fastdllm_rt.load(folder, device="cpu", **TINY_IDS)
+    off = fastdllm_rt.load(folder, device="cpu", prefix_cache=False, **TINY_IDS)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
