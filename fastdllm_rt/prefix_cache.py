@@ -11,6 +11,7 @@ evicted, and when nothing can be evicted the block is simply not cached.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 
 import torch
 
@@ -53,6 +54,7 @@ class PrefixCache:
         self.blocks = 0
         self.evictions = 0
         self._clock = 0
+        self._lru: OrderedDict = OrderedDict()      # id(block) -> block, least recently used first
 
     @property
     def budget(self) -> int:
@@ -75,6 +77,7 @@ class PrefixCache:
             if node is None:
                 break
             node.used = now
+            self._lru.move_to_end(id(node))
             chain.append(node)
         return chain
 
@@ -95,7 +98,9 @@ class PrefixCache:
             parent.children[key] = node
             self.bytes += node.nbytes
             self.blocks += 1
+            self._lru[id(node)] = node
         node.used = self._tick()
+        self._lru.move_to_end(id(node))
         return node
 
     # ---- eviction ----------------------------------------------------------------------------------------
@@ -103,17 +108,17 @@ class PrefixCache:
         if need > self.budget:
             return False
         while self.bytes + need > self.budget:
-            victims = sorted((b for b in self._nodes() if not b.children and not b.pins), key=lambda b: b.used)
-            if not victims:
+            # the least recently used unpinned leaf (a chain's parent was used no later than its children, so
+            # a header's tail goes before its head); one pass of the recency order, not a sort per block
+            victim = next((b for b in self._lru.values() if not b.children and not b.pins), None)
+            if victim is None:
                 return False
-            for b in victims:
-                if self.bytes + need <= self.budget:
-                    break
-                self._evict(b)
+            self._evict(victim)
         return True
 
     def _evict(self, node: Block) -> None:
         del node.parent.children[node.tokens]
+        del self._lru[id(node)]
         node.k = node.v = None
         self.bytes -= node.nbytes
         self.blocks -= 1
@@ -141,6 +146,7 @@ class PrefixCache:
     def clear(self) -> None:
         self.root = Block((), None)
         self.bytes = self.blocks = 0
+        self._lru.clear()
 
 
 def free_memory(device: torch.device) -> int:
