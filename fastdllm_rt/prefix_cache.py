@@ -17,21 +17,32 @@ import torch
 
 
 class Block:
-    __slots__ = ("tokens", "parent", "children", "k", "v", "pins", "used", "nbytes")
+    __slots__ = ("tokens", "parent", "children", "k", "v", "pins", "nbytes")
 
     def __init__(self, tokens, parent, k=None, v=None):
         self.tokens, self.parent, self.children = tokens, parent, {}
         self.k, self.v = k, v
         self.pins = 0
-        self.used = 0
         self.nbytes = 0 if k is None else 2 * k.numel() * k.element_size()
 
 
 class Lease:
-    """The blocks one unit of work (a scoring chunk, a generation call) reads: pinned until ``close``."""
+    """The blocks one unit of work (a scoring chunk, a generation call) reads: pinned until ``close`` (or the
+    end of a ``with`` block); ``evictions`` counts the blocks the cache evicted meanwhile."""
 
     def __init__(self, cache: "PrefixCache"):
         self.cache, self.blocks = cache, []
+        self._evictions_before = cache.evictions
+
+    @property
+    def evictions(self) -> int:
+        return self.cache.evictions - self._evictions_before
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def pin(self, blocks) -> None:
         for b in blocks:
@@ -53,7 +64,6 @@ class PrefixCache:
         self.bytes = 0
         self.blocks = 0
         self.evictions = 0
-        self._clock = 0
         self._lru: OrderedDict = OrderedDict()      # id(block) -> block, least recently used first
 
     @property
@@ -64,19 +74,13 @@ class PrefixCache:
         return self._budget
 
     # ---- lookup and insertion ----------------------------------------------------------------------------
-    def _tick(self) -> int:
-        self._clock += 1
-        return self._clock
-
     def match(self, tokens, max_blocks: int) -> list[Block]:
         """The cached chain of the longest whole-block prefix of ``tokens`` (at most ``max_blocks`` blocks)."""
         bs, node, chain = self.block_size, self.root, []
-        now = self._tick()
         for b in range(max_blocks):
             node = node.children.get(tuple(tokens[b * bs:(b + 1) * bs]))
             if node is None:
                 break
-            node.used = now
             self._lru.move_to_end(id(node))
             chain.append(node)
         return chain
@@ -99,7 +103,6 @@ class PrefixCache:
             self.bytes += node.nbytes
             self.blocks += 1
             self._lru[id(node)] = node
-        node.used = self._tick()
         self._lru.move_to_end(id(node))
         return node
 
@@ -124,18 +127,11 @@ class PrefixCache:
         self.blocks -= 1
         self.evictions += 1
 
-    def _nodes(self):
-        stack = list(self.root.children.values())
-        while stack:
-            node = stack.pop()
-            yield node
-            stack.extend(node.children.values())
-
     def shrink(self) -> int:
         """Under memory pressure: evict every unpinned block and halve the budget; returns the bytes freed."""
         before = self.bytes
         while True:
-            leaves = [b for b in self._nodes() if not b.children and not b.pins]
+            leaves = [b for b in self._lru.values() if not b.children and not b.pins]
             if not leaves:
                 break
             for b in leaves:

@@ -14,6 +14,7 @@ Fixed defects, each with a regression test in tests/rt/test_sampler_defects.py:
 from __future__ import annotations
 
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -78,17 +79,13 @@ class Sampler:
         planner = self.planner
         cache = rt.prefix_cache
         lease = Lease(cache) if cache is not None else None
-        evicted = cache.evictions if cache is not None else 0
         # prompts sharing a header are admitted together (results stay in prompt order)
         waiting = deque(sorted(rows, key=lambda r: r.prompt) if cache is not None else rows)
         active: list[_Row] = []
-        try:
+        with lease or nullcontext():
             self._loop(planner, caches, runner, waiting, active, lease)
-        finally:
-            if lease is not None:
-                lease.close()
         stats = runner.finish()
-        stats.prefix_evictions = (cache.evictions - evicted) if cache is not None else 0
+        stats.prefix_evictions = lease.evictions if lease is not None else 0
         stats.tokens_generated = sum(len(r.gen) for r in rows)
         texts = None
         if rt.tokenizer is not None:

@@ -7,6 +7,7 @@ chunk that does not fit in GPU memory is retried in halves.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -126,9 +127,8 @@ class Scorer:
                                                  CallStats(num_layers=self.num_layers))
         cache = self.rt.prefix_cache
         lease = Lease(cache) if cache is not None else None
-        evicted = cache.evictions if cache is not None else 0
         prefiller = Prefiller(runner, caches, cache, lease) if cache is not None else None
-        try:
+        with lease or nullcontext():
             if cfg.scoring == "trajectory":
                 planner = StepPlanner(ids_tok.mask, block_size=cfg.block_size, sub_block_size=cfg.sub_block_size,
                                       use_block_cache=cfg.use_block_cache, plan=self.plan)
@@ -137,11 +137,8 @@ class Scorer:
             else:
                 FirstTokenScorer(runner, caches, mask_id=ids_tok.mask, stop_id=ids_tok.stop,
                                  block_size=cfg.block_size, prefiller=prefiller).run(chunk)
-        finally:
-            if lease is not None:
-                lease.close()
         part = runner.finish()
-        part.prefix_evictions = (cache.evictions - evicted) if cache is not None else 0
+        part.prefix_evictions = lease.evictions if lease is not None else 0
         part.requests = 0
         part.continuation_tokens_scored = chunk.tokens_scored
         stats.merge(part)
