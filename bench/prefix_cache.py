@@ -53,7 +53,7 @@ def gsm8k_like(n_questions, vocab, header=900, question=60, seed=0):
     return [head + _tokens(g, vocab, _length(g, question)) for _ in range(n_questions)]
 
 
-def header_share(stats, with_cache):
+def header_share(stats):
     """Fraction of forwarded tokens spent prefilling context blocks (headers dominate them)."""
     return stats.prefix_tokens_computed / stats.tokens_forwarded if stats.tokens_forwarded else 0.0
 
@@ -116,7 +116,7 @@ def main():
                            questions_per_s=args.questions / dt, tokens_forwarded=st.tokens_forwarded,
                            prefix_tokens_computed=st.prefix_tokens_computed,
                            prefix_tokens_served=st.prefix_tokens_served, prefix_evictions=st.prefix_evictions,
-                           context_prefill_fraction_of_forwarded=header_share(st, on),
+                           context_prefill_fraction_of_forwarded=header_share(st),
                            row_forwards=st.row_forwards, command=command))
     diff = max(abs(a - b) for a, b in zip(results[False], results[True]))
     rows[-1]["max_abs_diff_vs_cache_off"] = diff
@@ -136,7 +136,7 @@ def main():
                            seconds=dt, tokens_generated=st.tokens_generated, tokens_per_s=st.tokens_generated / dt,
                            tokens_forwarded=st.tokens_forwarded, prefix_tokens_computed=st.prefix_tokens_computed,
                            prefix_tokens_served=st.prefix_tokens_served,
-                           header_fraction_of_forwarded=header_share(st, on), command=command))
+                           header_fraction_of_forwarded=header_share(st), command=command))
     rows[-1]["same_tokens_as_cache_off"] = gens[False] == gens[True]
     print(f"{'workload':18} {'cache':5} {'rate':>10} {'fwd tokens':>11} {'ctx prefill share':>17} {'served':>9}")
     for r in rows:
