@@ -8,6 +8,8 @@ forward (``prepare``) and shared by all layers.
 """
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 import torch.nn.functional as F
 
@@ -56,9 +58,7 @@ class _ExtendPlan:
     def __init__(self, group, block_size, device):
         self.block_size = block_size
         starts, lens = group.starts.tolist(), group.lens
-        offs = [0]
-        for n in lens:
-            offs.append(offs[-1] + n)
+        offs = [0, *accumulate(lens)]       # from the host's lengths: ``group.cu`` lives on the device
         self.shapes = []
         for (s, n), rows_t, rows in _by_geometry(list(zip(starts, lens)), device):
             tok = torch.tensor([offs[i] + j for i in rows for j in range(n)], device=device)
@@ -77,7 +77,7 @@ class _SubPlan:
 
 class TorchAttnContext:
     """One forward's attention inputs: token positions and slots, the cache write ranges, the RoPE values
-    gathered per token, and each group's padding plan (or the batch's explicit visibility)."""
+    gathered per token, and each group's attention plan (or the batch's explicit visibility)."""
 
     def __init__(self, model, batch, groups, num_tokens: int, caches):
         self.groups = groups
