@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from common import (ATTENTION_HEADS, DEVICE, copies_beyond_l2, copy_bandwidth_gbs, cuda_time,
-                    decode_attention_inputs, record, rotating_graph_ms)
+                    decode_attention_inputs, plain_read_ms, record, rotating_graph_ms)
 
-from fastdllm_kernels.attention.kernel import decode_attention
+from fastdllm_kernels.attention.kernel import DecodePlan, decode_attention, decode_plan
 from fastdllm_kernels.attention.reference import decode_attention_ref
 
 
@@ -29,6 +29,9 @@ def main():
     ap.add_argument("--rotate", type=int, default=1,
                     help="1: each call reads its own input copy (KV cold in L2, as in a step); 0: one copy "
                          "(the KV stays in the L2 across the timed calls)")
+    ap.add_argument("--plans", default="",
+                    help="also time these launch plans of ours, comma-separated block_m:block_n:splits:warps:stages "
+                         "(splits 0: the rule's count for that tiling)")
     args = ap.parse_args()
     command = "python bench/attention_op.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items())
     bw = copy_bandwidth_gbs()
@@ -52,13 +55,23 @@ def main():
                 sets = [decode_attention_inputs(hq, hkv, L, n, D, dt) for _ in range(copies)]
                 q, pk, pv, bk, bv, meta = sets[0]
                 ref = decode_attention_ref(q.float(), pk.float(), pv.float(), bk.float(), bv.float(), *meta, n, scale)
-                providers = {name: [] for name in ("ours", "sdpa_mask")}
+                read_ms = plain_read_ms(kv_bytes, copies)
+                plans = {}
+                for spec in filter(None, args.plans.split(",")):
+                    bm, bn, sp, w, st = map(int, spec.split(":"))
+                    rule = decode_plan(1, hkv, hq // hkv, n, L + 64 + 32, block_m=bm, block_n=bn)
+                    plans[f"ours[{spec}]"] = DecodePlan(rule.block_m, rule.m_tiles, sp or rule.splits, bn, w, st)
+                providers = {name: [] for name in ("ours", *plans, "sdpa_mask")}
                 if flex is not None:
                     providers["flex"] = []
                 for q, pk, pv, bk, bv, meta in sets:
                     ours = lambda q=q, pk=pk, pv=pv, bk=bk, bv=bv, meta=meta: decode_attention(  # noqa: E731
                         q, pk, pv, bk, bv, *meta, n_q=n, scale=scale)
                     providers["ours"].append(ours)
+                    for name, plan in plans.items():
+                        providers[name].append(lambda q=q, pk=pk, pv=pv, bk=bk, bv=bv, meta=meta, plan=plan:
+                                               decode_attention(q, pk, pv, bk, bv, *meta, n_q=n, scale=scale,
+                                                                plan=plan))
                     # the original's layout: [1, H, n, D] queries, keys = prefix ++ block, a boolean mask
                     kk = torch.cat([pk[:, :, :L], bk], dim=2)
                     vv = torch.cat([pv[:, :, :L], bv], dim=2)
@@ -85,17 +98,20 @@ def main():
                     gbs = kv_bytes / (t["p50_ms"] / 1e3) / 1e9
                     row = record("attention_op", model=model, provider=name, prefix=L, queries=n, dtype="bf16",
                                  **t, kv_bytes=kv_bytes, kv_GBps=gbs, fraction_of_copy_bw=gbs / bw,
-                                 floor_ms=kv_bytes / (bw * 1e9) * 1e3, rel_err_vs_fp32=rel, eager_p50_ms=eager,
+                                 floor_ms=kv_bytes / (bw * 1e9) * 1e3, plain_read_ms=read_ms,
+                                 fraction_of_plain_read=read_ms / t["p50_ms"], rel_err_vs_fp32=rel, eager_p50_ms=eager,
                                  timing=timing, input_copies=copies, command=command)
                     table.append(row)
                 del sets, providers
     print(f"copy bandwidth {bw:.0f} GB/s")
-    print(f"{'model':5} {'prefix':>6} {'q':>3} {'provider':10} {'p50 us':>8} {'KV GB/s':>8} {'%bw':>5} {'x sdpa':>7} relerr")
+    print(f"{'model':5} {'prefix':>6} {'q':>3} {'provider':22} {'p50 us':>8} {'KV GB/s':>8} {'%bw':>5} {'%read':>6} "
+          f"{'x sdpa':>7} relerr")
     for r in table:
         base = next(x for x in table if x["model"] == r["model"] and x["prefix"] == r["prefix"]
                     and x["queries"] == r["queries"] and x["provider"] == "sdpa_mask")
-        print(f"{r['model']:5} {r['prefix']:6d} {r['queries']:3d} {r['provider']:10} {r['p50_ms'] * 1e3:8.1f} "
-              f"{r['kv_GBps']:8.0f} {100 * r['fraction_of_copy_bw']:5.1f} {base['p50_ms'] / r['p50_ms']:7.2f} "
+        print(f"{r['model']:5} {r['prefix']:6d} {r['queries']:3d} {r['provider']:22} {r['p50_ms'] * 1e3:8.1f} "
+              f"{r['kv_GBps']:8.0f} {100 * r['fraction_of_copy_bw']:5.1f} {100 * r['fraction_of_plain_read']:6.1f} "
+              f"{base['p50_ms'] / r['p50_ms']:7.2f} "
               f"{r['rel_err_vs_fp32']:.1e}")
 
 

@@ -19,6 +19,8 @@ if "--device=cpu" in sys.argv or any(a == "--device" and b == "cpu" for a, b in 
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from fastdllm_kernels.timing import (DEVICE, append_record, copies_beyond_l2, copy_bandwidth_gbs, cuda_time,  # noqa: F401
                                      env_info, graph_time, sync)  # noqa: E402
@@ -136,6 +138,37 @@ def decode_attention_inputs(hq: int, hkv: int, prefix: int, queries: int, D: int
     meta = [torch.zeros(1, dtype=torch.long, device=DEVICE), torch.tensor([prefix], device=DEVICE),
             torch.ones(1, dtype=torch.long, device=DEVICE), torch.zeros(1, dtype=torch.long, device=DEVICE)]
     return q, pk, pv, bk, bv, meta
+
+
+@triton.jit
+def read_sum_kernel(p, n, p_sink, BLOCK: tl.constexpr, STAGES: tl.constexpr):
+    """Read ``n`` elements; the sum is stored only if it equals an impossible value, so the loads stay live."""
+    pid = tl.program_id(0)
+    G = tl.num_programs(0)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for i in tl.range(pid * BLOCK, n, G * BLOCK, num_stages=STAGES):
+        offs = i + tl.arange(0, BLOCK)
+        acc += tl.load(p + offs, mask=offs < n, other=0.0).to(tl.float32)
+    s = tl.sum(acc)
+    if s == -1.2345e30:
+        tl.store(p_sink, s)
+
+
+def plain_read_ms(nbytes: int, copies: int, per_sm=(1, 2, 4, 8), blocks=(4096, 16384), stages=(2, 4)) -> float:
+    """The plainest read of ``nbytes`` there is - a grid of programs summing the bytes in pipelined chunks, no
+    MMA, no epilogue - best over grid, chunk and pipeline depth, each call on its own of ``copies`` buffers (so
+    cold in the L2): the ceiling a kernel that must read those bytes is judged against."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    bufs = [torch.empty(nbytes // 2, dtype=torch.bfloat16, device=DEVICE).normal_() for _ in range(copies)]
+    sink = torch.zeros(1, device=DEVICE)
+    best = float("inf")
+    for p in per_sm:
+        for block in blocks:
+            for st in stages:
+                def fn(i, grid=min(p * sms, triton.cdiv(bufs[0].numel(), block)), block=block, st=st):
+                    read_sum_kernel[(grid,)](bufs[i], bufs[i].numel(), sink, BLOCK=block, STAGES=st, num_warps=4)
+                best = min(best, rotating_graph_ms(fn, copies, reps=max(1, 20 // copies)))
+    return best
 
 
 def matmul_tflops(n: int = 8192) -> float:
