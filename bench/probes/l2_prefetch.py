@@ -12,6 +12,7 @@ compared with the same chain without prefetch, in the same process.
     python bench/probes/l2_prefetch.py --shapes 1.5B,7B --prefetch-mb 0,8,16,24,32,40
 """
 import argparse
+import itertools
 import os
 import sys
 
@@ -65,9 +66,12 @@ def layer_weights(fields, n_layers, prefix, n_q, dev=DEVICE, dt=torch.bfloat16):
 
 
 def run_chain(layers, x, n_q, prefetch_bytes, sink, side, chunk, num_sms):
+    """``side`` None: the prefetch kernel runs on the main stream, in line before the layer's QKV projection."""
     main = torch.cuda.current_stream()
     for L in layers:
-        if prefetch_bytes:
+        if prefetch_bytes and side is None:
+            l2_prefetch(L["gate_up"], prefetch_bytes, sink, chunk)
+        elif prefetch_bytes:
             side.wait_stream(main)
             with torch.cuda.stream(side):
                 l2_prefetch(L["gate_up"], prefetch_bytes, sink, chunk)
@@ -75,7 +79,7 @@ def run_chain(layers, x, n_q, prefetch_bytes, sink, side, chunk, num_sms):
         q, pk, pv, bk, bv, meta = L["attn"]
         a = decode_attention(q, pk, pv, bk, bv, *meta, n_q=n_q, scale=q.shape[-1] ** -0.5, num_sms=num_sms)
         h = linear(a.reshape(n_q, -1), L["o"], residual=x, num_sms=num_sms)
-        if prefetch_bytes:
+        if prefetch_bytes and side is not None:
             main.wait_stream(side)
         g = linear(h, L["gate_up"], row_rms=True, swiglu=True, num_sms=num_sms)
         x = linear(g, L["down"], residual=h, num_sms=num_sms)
@@ -90,6 +94,7 @@ def main():
     ap.add_argument("--prefetch-mb", default="0,8,16,24,32,40")
     ap.add_argument("--chunks", default="65536")
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--placements", default="side,main", help="side: a forked stream; main: in line")
     args = ap.parse_args()
     assert DEVICE == "cuda", "needs a GPU"
     command = "python bench/probes/l2_prefetch.py " + " ".join(f"--{k.replace('_', '-')} {v}"
@@ -108,27 +113,30 @@ def main():
             kv_bytes = 2 * ATTENTION_HEADS[shape][1] * (args.prefix + 32) * 128 * 2
             floor_us = (layer_bytes + kv_bytes) / bw / 1e3
             base = None
-            for chunk in map(int, args.chunks.split(",")):
-                for mb in map(float, args.prefetch_mb.split(",")):
-                    if mb == 0 and base is not None:
-                        continue
-                    nbytes = int(mb * (1 << 20))
-                    run_chain(layers, x, n_q, nbytes, sink, side, chunk, sms)          # compile, warm
-                    torch.cuda.synchronize()
-                    g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g):
-                        run_chain(layers, x, n_q, nbytes, sink, side, chunk, sms)
-                    t = cuda_time(g.replay, warmup=3, iters=20)
-                    us = t["p50_ms"] * 1e3 / args.layers
-                    base = us if mb == 0 else base
-                    row = append_record(os.path.join(RESULTS, "l2_prefetch.jsonl"), dict(
-                        shape=shape, queries=n_q, prefix=args.prefix, prefetch_mb=mb, chunk=chunk,
-                        layer_us=us, floor_us=floor_us, vs_no_prefetch=us / base, copy_GBps=bw,
-                        layers=args.layers, command=command))
-                    print(f"{shape:5} q={n_q:2d} prefetch {mb:5.1f} MB chunk {chunk:6d}: {us:7.2f} us a layer "
-                          f"({us / floor_us:.2f} x floor {floor_us:.1f}; {row['vs_no_prefetch']:.3f} x none)",
-                          flush=True)
-                    del g
+            for chunk, placement, mb in itertools.product(map(int, args.chunks.split(",")),
+                                                          args.placements.split(","),
+                                                          map(float, args.prefetch_mb.split(","))):
+                if mb == 0 and base is not None:
+                    continue
+                stream = side if placement == "side" else None
+                nbytes = int(mb * (1 << 20))
+                run_chain(layers, x, n_q, nbytes, sink, stream, chunk, sms)          # compile, warm
+                torch.cuda.synchronize()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    run_chain(layers, x, n_q, nbytes, sink, stream, chunk, sms)
+                t = cuda_time(g.replay, warmup=3, iters=20)
+                us = t["p50_ms"] * 1e3 / args.layers
+                base = us if mb == 0 else base
+                row = append_record(os.path.join(RESULTS, "l2_prefetch.jsonl"), dict(
+                    shape=shape, queries=n_q, prefix=args.prefix, prefetch_mb=mb, chunk=chunk,
+                    placement=placement,
+                    layer_us=us, floor_us=floor_us, vs_no_prefetch=us / base, copy_GBps=bw,
+                    layers=args.layers, command=command))
+                print(f"{shape:5} q={n_q:2d} prefetch {mb:5.1f} MB chunk {chunk:6d} {placement:4}: {us:7.2f} us "
+                      f"({us / floor_us:.2f} x floor {floor_us:.1f}; {row['vs_no_prefetch']:.3f} x none)",
+                      flush=True)
+                del g
             del layers
             torch.cuda.empty_cache()
 

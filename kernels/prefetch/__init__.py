@@ -1,0 +1,1 @@
+"""prefetch: `kernel.py` (Triton; no values, so its reference is doing nothing - see its docstring)."""
