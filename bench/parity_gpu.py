@@ -1,5 +1,5 @@
 """GPU parity at the released shapes: at the 7B shape with random bf16 weights, the plain forward and one full-block step
-of our bf16 path agree with our fp32 torch path within the bf16 tier (STYLE.md): max|ours - fp32| <=
+of our bf16 path agree with our fp32 torch path within the bf16 tier (CONTRIBUTING.md, "Tolerances"): max|ours - fp32| <=
 2 max|HF bf16 - fp32| + 1e-5, or relative RMS < 5e-3. Also checks the triton backend when it is available.
 
     python bench/parity_gpu.py [--shape 7B] [--backends torch,triton]

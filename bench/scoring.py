@@ -111,7 +111,7 @@ def main():
             measured[scoring] = (dt, res, res.loglikelihoods[:len(check)], single)
         del rt
         free_memory()
-        # the bf16 tier (STYLE.md): batched bf16 scores against an fp32 reference, no worse than twice the
+        # the bf16 tier (CONTRIBUTING.md, "Tolerances"): batched bf16 scores against an fp32 reference, no worse than twice the
         # unbatched bf16 scores' error (or relative RMS < 5e-3)
         rt32 = fastdllm_rt.from_state_dict(fields, random_state_dict(fields), dtype="fp32", backend="torch",
                                            device=DEVICE, **ids)

@@ -3,7 +3,7 @@ import os
 import torch
 
 # Triton kernels run in Triton's interpreter on machines without a GPU; it must be chosen before triton is
-# imported anywhere (STYLE.md). On a GPU the real compiler runs.
+# imported anywhere. On a GPU the real compiler runs.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

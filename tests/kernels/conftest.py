@@ -5,7 +5,7 @@ import pytest
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# The interpreter gets bf16 arithmetic wrong (STYLE.md): CPU runs fp32/fp16, GPU runs bf16 too.
+# The interpreter gets bf16 arithmetic wrong: CPU runs fp32/fp16, GPU runs bf16 too.
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 
@@ -31,7 +31,7 @@ def _poison_empty(monkeypatch):
 
 
 def assert_close_tiered(tri, ref32, ref_lowp=None, name="", fp32_tol=1e-4):
-    """STYLE.md's two tiers. fp32 inputs (``ref_lowp`` None): assert_close at ``fp32_tol`` (1e-5 elementwise
+    """The two tolerance tiers (CONTRIBUTING.md, "Tolerances"). fp32 inputs (``ref_lowp`` None): assert_close at ``fp32_tol`` (1e-5 elementwise
     ops, 1e-4 with matmuls inside). Low precision: max|tri - ref32| <= 2 max|ref_lowp - ref32| + 1e-5, or
     relative RMS error < 5e-3, where ref_lowp is the PyTorch reference run in that precision."""
     assert not torch.isnan(tri.float()).any(), f"{name}: NaN in the kernel output (unwritten tile?)"
