@@ -2,6 +2,7 @@
 process evaluates its share of the requests and the harness gathers results through these collectives."""
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -67,4 +68,15 @@ def setup() -> Dist:
         if use_nccl:
             torch.cuda.set_device(local)
         td.init_process_group(backend="nccl" if use_nccl else "gloo")
+        atexit.register(_leave_process_group)
     return Dist(rank=rank, world_size=world, local_rank=local)
+
+
+def _leave_process_group() -> None:
+    """Destroy the group this process joined before the interpreter exits: left to the interpreter's teardown,
+    gloo's worker threads were at times destroyed while running, which aborts the process ("terminate called
+    without an active exception") after its results were written, and srun then ends the whole job step."""
+    import torch.distributed as td
+
+    if td.is_initialized():
+        td.destroy_process_group()

@@ -11,6 +11,7 @@ import lm_eval  # noqa: F401,E402  - the bridge is the lm-eval integration (pip 
 import fastdllm_rt  # noqa: E402
 from evalbridge import gated  # noqa: E402
 from evalbridge.__main__ import main  # noqa: E402
+from tests.conftest import REPO  # noqa: E402
 
 MODEL = fastdllm_rt.small_model_path()
 SECRET = "hf_SimulatedSecretToken1234567890"
@@ -143,3 +144,25 @@ def test_two_processes_give_the_metrics_of_one(tmp_path):
     for kind in ("loglikelihood", "generate_until"):
         assert b["throughput"][kind]["ranks"] == 2
         assert a["throughput"][kind]["requests"] == b["throughput"][kind]["requests"]
+
+
+LEAVES_THE_GROUP = """
+import atexit, sys
+import torch.distributed as td
+from evalbridge.distributed import setup
+d = setup()
+assert d.world_size == 2 and td.is_initialized()
+atexit._run_exitfuncs()                     # what the interpreter runs first when it exits
+sys.exit(0 if not td.is_initialized() else 3)
+"""
+
+
+def test_each_process_leaves_the_process_group_before_it_exits(tmp_path):
+    """A rank aborted at exit now and then ("terminate called without an active exception": gloo's threads
+    torn down by the interpreter), after the results were written, and srun then cancelled the job step."""
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVES_THE_GROUP)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script)], env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert run.returncode == 0, run.stderr[-3000:]
