@@ -8,4 +8,4 @@ source scripts/setup_env.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # tiny models: one thread per worker (and per launched subprocess) beats oversubscribed intra-op threads
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
-python -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadgroup --durations=15 "${@:-tests}"
+python -m pytest -q -rs -n "${TEST_WORKERS:-2}" --dist loadgroup --durations=15 "${@:-tests}"
