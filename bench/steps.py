@@ -4,8 +4,7 @@ Steps: ``full`` (32 queries, the block cache rebuilt), ``sub`` (8 queries agains
 ``commit`` (32 tokens appended to the prefix cache), ``sub_skip12`` (a sub-block step with 12 of 28 layers
 skipped by a reuse policy). Providers: ``hf`` (transformers Qwen2, eager, block-causal mask, DynamicCache: the
 original's path), ``torch`` (our runtime, PyTorch backend, eager), ``triton`` (our runtime, Triton kernels and
-CUDA graphs; beside each step's time, the graph replay alone, from the runner's replay events),
-``triton:no-prefetch`` (the same without the L2 prefetch of each layer's MLP weight).
+CUDA graphs; beside each step's time, the graph replay alone, from the runner's replay events).
 The floor is the weight bytes a step must read over the measured copy bandwidth.
 
     python bench/steps.py --shapes 7B,1.5B --providers hf,torch,triton
@@ -112,13 +111,8 @@ def measure_provider(shape, fields, sd, provider, args, floor_ms, step_bytes, co
     if provider == "hf":
         steps, keep = hf_steps(fields, sd, args.prefix)
     else:
-        backend, _, variant = provider.partition(":")
-        keep = fastdllm_rt.from_state_dict(fields, sd, dtype="bf16", backend=backend, device=DEVICE,
+        keep = fastdllm_rt.from_state_dict(fields, sd, dtype="bf16", backend=provider, device=DEVICE,
                                            **token_ids(fields["vocab_size"]))
-        if variant == "no-prefetch":                # the triton backend without its L2 prefetch of the MLP weight
-            keep.model.backend.l2_prefetch_bytes = 0
-        elif variant:
-            raise SystemExit(f"steps.py: unknown provider variant {variant!r} (known: triton:no-prefetch)")
         steps, runner = ours_steps(keep, args.prefix)
     out = []
     for name, fn in steps.items():

@@ -26,10 +26,9 @@ from typing import NamedTuple
 import torch
 
 from fastdllm_kernels.attention.kernel import decode_attention, prefill_attention
-from fastdllm_kernels.linear.configs import FUSED_MAX_TOKENS, device_name, pick_qkv_rope
+from fastdllm_kernels.linear.configs import device_name, pick_qkv_rope
 from fastdllm_kernels.linear.dispatch import linear
 from fastdllm_kernels.linear.qkv_rope import qkv_rope_write
-from fastdllm_kernels.prefetch.kernel import l2_prefetch, supported as l2_prefetch_supported
 from fastdllm_kernels.rope.kernel import rope_write
 from fastdllm_kernels.select.kernel import choice_stats, token_logp
 
@@ -66,9 +65,6 @@ class TritonAttnContext:
                              "(training) runs on backend='torch'")
         dev = batch.tokens.device
         self.groups, self.caches = groups, caches
-        # a decode step's MLP weights, for the L2 prefetch its attention issues (``TritonBackend.attention``)
-        self.gate_up = [layer.mlp.gate_up_proj.weight for layer in model.layers] \
-            if num_tokens <= FUSED_MAX_TOKENS else None
         self.positions = batch.positions[:num_tokens]
         self.slots = batch.token_slot[:num_tokens]
         self.block_size = model.block_size
@@ -88,13 +84,6 @@ class TritonAttnContext:
                 self.launch.append(("prefill", g, (g.slots, g.starts, g.cu), max(g.lens)))
 
 
-def default_prefetch_bytes(device: torch.device) -> int:
-    """Half the L2: room for the prefetched bytes beside the attention's keys and values and the O weight."""
-    if not l2_prefetch_supported(device):
-        return 0
-    return torch.cuda.get_device_properties(device).L2_cache_size // 2
-
-
 class TritonBackend:
     name = "triton"
     folds_norm_gains = True
@@ -106,9 +95,6 @@ class TritonBackend:
         self._num_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count \
             if torch.cuda.is_available() else 2
         self._dummy = {}
-        # bytes of a decode step's gate/up weight asked into the L2 when the layer's attention starts (see
-        # fastdllm_kernels/prefetch): the attention and O kernels leave the memory system idle meanwhile
-        self.l2_prefetch_bytes = default_prefetch_bytes(device)
 
     # the layer's matmuls: ``linear`` picks per shape (fused kernels for decode steps, cuBLAS above them)
     def norm_linear(self, x, norm, weight, bias=None, out_dtype=None):
@@ -157,8 +143,6 @@ class TritonBackend:
         else:
             pk, pv = caches.prefix_k[layer], caches.prefix_v[layer]
             bk, bv = caches.block_k[layer], caches.block_v[layer]
-        if ctx.gate_up is not None and self.l2_prefetch_bytes:
-            l2_prefetch(ctx.gate_up[layer], self.l2_prefetch_bytes)
         if qkv.raw is None:                         # one kernel: projection, row scale, bias, RoPE, cache writes
             finished = qkv_rope_write(qkv.norm_input, qkv.weight, qkv.bias, qkv.eps, attn.num_heads,
                                       attn.num_kv_heads, ctx.cos_table, ctx.sin_table, ctx.positions, ctx.dest,

@@ -77,9 +77,7 @@ def compile_sm90(kern, args: tuple, kwargs: dict) -> dict:
             "shared_bytes": compiled.metadata.shared,
             "cp_async_ptx": len(re.findall(r"cp\.async\.(?:cg|ca)", compiled.asm["ptx"])),
             "wgmma_ptx": len(re.findall(r"wgmma\.mma_async", compiled.asm["ptx"])),
-            "mma_sync_ptx": len(re.findall(r"\bmma\.sync", compiled.asm["ptx"])),
-            "l2_prefetch_ptx": compiled.asm["ptx"].count("cp.async.bulk.prefetch.L2.global"),
-            "cubin_bytes": len(compiled.asm["cubin"])}
+            "mma_sync_ptx": len(re.findall(r"\bmma\.sync", compiled.asm["ptx"]))}
 
 
 H100 = "NVIDIA H100 80GB HBM3"
@@ -155,19 +153,6 @@ def _prefill_attention_case(tokens: int = 512, prefix: int = 2048):
             lambda: ak.prefill_attention(q, k, v, pk, pv, *meta, tokens, d ** -0.5, 32))
 
 
-def _l2_prefetch_case():
-    """The L2 prefetch a 7B decode layer issues for its gate/up weight (its wrapper launches nothing off a
-    Hopper GPU, so the launch is made here with the wrapper's arguments)."""
-    from fastdllm_kernels.prefetch import kernel as pk
-
-    w = torch.empty(2 * 18944, 3584, dtype=torch.bfloat16)
-    span = pk.prefetch_span(w, 25 << 20)
-    sink = torch.empty(pk.LANES, dtype=torch.int32)
-    return ([pk.l2_prefetch_kernel],
-            lambda: pk.l2_prefetch_kernel[(span // pk.CHUNK // pk.LANES + 1,)](w, span, sink, CHUNK=pk.CHUNK,
-                                                                                 LANES=pk.LANES, num_warps=4))
-
-
 def _gpu_tiles(kern, kwargs: dict) -> dict:
     """The captured launch with the tiles a GPU launch would use (the prefill wrapper picks smaller tiles for
     CPU tensors, for the interpreter's speed)."""
@@ -190,8 +175,7 @@ CASES = {"linear_gate_up_8": lambda: _linear_case(8, "gate_up"),
          "qkv_rope_1.5B_32": lambda: _qkv_rope_case(32, "1.5B"),
          "decode_attention_32": lambda: _decode_attention_case(32, 2048),
          "decode_attention_8": lambda: _decode_attention_case(8, 8192),
-         "prefill_attention": _prefill_attention_case,
-         "l2_prefetch": _l2_prefetch_case}
+         "prefill_attention": _prefill_attention_case}
 
 
 def main(cases: list[str]):

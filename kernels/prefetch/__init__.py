@@ -1,1 +1,0 @@
-"""prefetch: `kernel.py` (Triton; no values, so its reference is doing nothing - see its docstring)."""
