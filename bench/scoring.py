@@ -64,6 +64,8 @@ def main():
     ap.add_argument("--check-questions", type=int, default=16)
     ap.add_argument("--backend", default="triton")
     ap.add_argument("--context", default="500,900", help="context lengths drawn from this range (tokens)")
+    ap.add_argument("--scorings", default="trajectory,first_token")
+    ap.add_argument("--prefix-cache", default="on", help="on, off, or both in one process: on,off")
     add_run_args(ap)
     args = ap.parse_args()
     command = start(args, "scoring.py")
@@ -99,31 +101,37 @@ def main():
         reqs = requests_of(qs)
         check = requests_of(qs[:args.check_questions])
         measured = {}
-        for scoring in ("trajectory", "first_token"):
-            kw = dict(scoring=scoring, use_block_cache=False)
-            rt.score(requests_of(warm), **kw)                            # warm-up on other questions: compiles
-            sync()
-            t0 = time.perf_counter()
-            res = rt.score(reqs, **kw)
-            sync()
-            dt = time.perf_counter() - t0
-            single = [rt.score([r], **kw).loglikelihoods[0] for r in check]
-            measured[scoring] = (dt, res, res.loglikelihoods[:len(check)], single)
+        cache = rt.prefix_cache
+        for setting in args.prefix_cache.split(","):
+            rt.prefix_cache = cache if setting == "on" else None
+            for scoring in args.scorings.split(","):
+                kw = dict(scoring=scoring, use_block_cache=False)
+                if cache is not None:
+                    cache.clear()
+                rt.score(requests_of(warm), **kw)                        # warm-up on other questions: compiles
+                sync()
+                t0 = time.perf_counter()
+                res = rt.score(reqs, **kw)
+                sync()
+                dt = time.perf_counter() - t0
+                single = [rt.score([r], **kw).loglikelihoods[0] for r in check]
+                measured[scoring, setting] = (dt, res, res.loglikelihoods[:len(check)], single)
         del rt
         free_memory()
-        # the bf16 tier (CONTRIBUTING.md, "Tolerances"): batched bf16 scores against an fp32 reference, no worse than twice the
-        # unbatched bf16 scores' error (or relative RMS < 5e-3)
+        # the bf16 tier (CONTRIBUTING.md, "Tolerances"): batched bf16 scores against an fp32 reference, no worse
+        # than twice the unbatched bf16 scores' error (or relative RMS < 5e-3)
         rt32 = fastdllm_rt.from_state_dict(fields, random_state_dict(fields), dtype="fp32", backend="torch",
                                            device=DEVICE, **ids)
         free_memory()
-        for scoring, (dt, res, batched, single) in measured.items():
+        for (scoring, setting), (dt, res, batched, single) in measured.items():
             ref = torch.tensor(rt32.score(check, scoring=scoring, use_block_cache=False).loglikelihoods)
             a, b = torch.tensor(batched), torch.tensor(single)
             err_batched, err_single = float((a - ref).abs().max()), float((b - ref).abs().max())
             rel_rms = float((a - ref).norm() / ref.norm())
             tflops = 2 * n_params * ctx_tokens / dt / 1e12
             table.append(record(
-                "scoring", shape=shape, provider=f"ours-{args.backend}", scoring=scoring, questions=len(qs),
+                "scoring", shape=shape, provider=f"ours-{args.backend}", scoring=scoring, prefix_cache=setting,
+                questions=len(qs),
                 seconds=dt, questions_per_s=len(qs) / dt, context_tokens=ctx_tokens,
                 context_tokens_per_s=ctx_tokens / dt, achieved_TFLOPs=tflops, matmul_peak_TFLOPs=peak,
                 fraction_of_peak=tflops / peak, row_forwards=res.stats.row_forwards,
@@ -135,10 +143,11 @@ def main():
         del rt32
         free_memory()
     print(f"bf16 matmul peak {peak:.0f} TFLOP/s")
-    print(f"{'shape':5} {'provider':14} {'scoring':12} {'q/s':>8} {'TFLOP/s':>8} {'%peak':>6} {'err32 batched':>13} "
+    print(f"{'shape':5} {'provider':14} {'scoring':12} {'prefix cache':12} {'q/s':>8} {'TFLOP/s':>8} {'%peak':>6} {'err32 batched':>13} "
           f"{'err32 single':>12} tier")
     for r in table:
-        print(f"{r['shape']:5} {r['provider']:14} {r.get('scoring', '-'):12} {r['questions_per_s']:8.1f} "
+        print(f"{r['shape']:5} {r['provider']:14} {r.get('scoring', '-'):12} {r.get('prefix_cache', '-'):12} "
+              f"{r['questions_per_s']:8.1f} "
               f"{r.get('achieved_TFLOPs', float('nan')):8.1f} {100 * r.get('fraction_of_peak', float('nan')):6.1f} "
               f"{r.get('max_abs_err_batched_vs_fp32', float('nan')):13.2e} "
               f"{r.get('max_abs_err_unbatched_vs_fp32', float('nan')):12.2e} {r.get('within_bf16_tier', '-')}")
