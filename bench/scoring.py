@@ -143,7 +143,8 @@ def main():
         del rt32
         free_memory()
     print(f"bf16 matmul peak {peak:.0f} TFLOP/s")
-    print(f"{'shape':5} {'provider':14} {'scoring':12} {'prefix cache':12} {'q/s':>8} {'TFLOP/s':>8} {'%peak':>6} {'err32 batched':>13} "
+    print(f"{'shape':5} {'provider':14} {'scoring':12} {'prefix cache':12} {'q/s':>8} {'TFLOP/s':>8} {'%peak':>6} "
+          f"{'err32 batched':>13} "
           f"{'err32 single':>12} tier")
     for r in table:
         print(f"{r['shape']:5} {r['provider']:14} {r.get('scoring', '-'):12} {r.get('prefix_cache', '-'):12} "
