@@ -28,15 +28,16 @@ class Block:
 
 class Lease:
     """The blocks one unit of work (a scoring chunk, a generation call) reads: pinned until ``close`` (or the
-    end of a ``with`` block); ``evictions`` counts the blocks the cache evicted meanwhile."""
+    end of a ``with`` block); ``evictions`` counts the blocks the cache evicted meanwhile. With ``cache`` None
+    (the prefix cache off) it pins nothing and counts no evictions."""
 
-    def __init__(self, cache: "PrefixCache"):
+    def __init__(self, cache: "PrefixCache | None"):
         self.cache, self.blocks = cache, []
-        self._evictions_before = cache.evictions
+        self._evictions_before = cache.evictions if cache is not None else 0
 
     @property
     def evictions(self) -> int:
-        return self.cache.evictions - self._evictions_before
+        return self.cache.evictions - self._evictions_before if self.cache is not None else 0
 
     def __enter__(self) -> "Lease":
         return self

@@ -14,7 +14,6 @@ Fixed defects, each with a regression test in tests/rt/test_sampler_defects.py:
 from __future__ import annotations
 
 from collections import deque
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -78,14 +77,13 @@ class Sampler:
         caches, runner = rt.pool.start_call(n_slots, max_len, self.plan, stats)
         planner = self.planner
         cache = rt.prefix_cache
-        lease = Lease(cache) if cache is not None else None
         # prompts sharing a header are admitted together (results stay in prompt order)
         waiting = deque(sorted(rows, key=lambda r: r.prompt) if cache is not None else rows)
         active: list[_Row] = []
-        with lease or nullcontext():
+        with Lease(cache) as lease:
             self._loop(planner, caches, runner, waiting, active, lease)
         stats = runner.finish()
-        stats.prefix_evictions = lease.evictions if lease is not None else 0
+        stats.prefix_evictions = lease.evictions
         stats.tokens_generated = sum(len(r.gen) for r in rows)
         texts = None
         if rt.tokenizer is not None:
@@ -102,11 +100,9 @@ class Sampler:
                 self._admit(row, caches.alloc())
                 active.append(row)
                 admitted.append(row)
-            if lease is not None:
+            if rt.prefix_cache is not None:
                 self._prefill_through_cache(planner, caches, runner, lease, admitted)
-                for row in [r for r in active if r.phase == "done"]:
-                    caches.release(row.state.slot)
-                active[:] = [r for r in active if r.phase != "done"]
+                _retire_done(caches, active)
                 if not active:
                     continue
             requests = [self._request(planner, row) for row in active]
@@ -114,9 +110,7 @@ class Sampler:
             greedy = _greedy_choice(logits, rt.model.backend)
             for row, req, (_, lo, hi) in zip(active, requests, logits_rows):
                 self._advance(planner, row, req, logits[lo:hi], greedy[0][lo:hi], greedy[1][lo:hi])
-            for row in [r for r in active if r.phase == "done"]:
-                caches.release(row.state.slot)
-            active[:] = [r for r in active if r.phase != "done"]
+            _retire_done(caches, active)
 
     def _prefill_through_cache(self, planner, caches, runner, lease, rows) -> None:
         """The prompt prefill of newly admitted rows, whole blocks served from / offered to the prefix cache."""
@@ -276,6 +270,13 @@ class Sampler:
         g = torch.Generator(device=self.rt.device)
         g.manual_seed((self.cfg.seed or 0) * 1_000_003 + index)
         return g
+
+
+def _retire_done(caches, active: list) -> None:
+    """Give the slots of finished rows back and drop those rows from ``active`` (in place)."""
+    for row in [r for r in active if r.phase == "done"]:
+        caches.release(row.state.slot)
+    active[:] = [r for r in active if r.phase != "done"]
 
 
 def _first_stop(text: str, stops: list[str]):

@@ -7,7 +7,6 @@ chunk that does not fit in GPU memory is retried in halves.
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -126,9 +125,8 @@ class Scorer:
         caches, runner = self.rt.pool.start_call(len(sub) + 1, max_len, self.plan,
                                                  CallStats(num_layers=self.num_layers))
         cache = self.rt.prefix_cache
-        lease = Lease(cache) if cache is not None else None
-        prefiller = Prefiller(runner, caches, cache, lease) if cache is not None else None
-        with lease or nullcontext():
+        with Lease(cache) as lease:
+            prefiller = Prefiller(runner, caches, cache, lease) if cache is not None else None
             if cfg.scoring == "trajectory":
                 planner = StepPlanner(ids_tok.mask, block_size=cfg.block_size, sub_block_size=cfg.sub_block_size,
                                       use_block_cache=cfg.use_block_cache, plan=self.plan)
@@ -138,7 +136,7 @@ class Scorer:
                 FirstTokenScorer(runner, caches, mask_id=ids_tok.mask, stop_id=ids_tok.stop,
                                  block_size=cfg.block_size, prefiller=prefiller).run(chunk)
         part = runner.finish()
-        part.prefix_evictions = lease.evictions if lease is not None else 0
+        part.prefix_evictions = lease.evictions
         part.requests = 0
         part.continuation_tokens_scored = chunk.tokens_scored
         stats.merge(part)
