@@ -43,12 +43,15 @@ def _fixed_row_tiles(x, residual, compute):
     return torch.cat([compute(a, r) for a, r in zip(tiles(x), res)])[:n]
 
 
-def _by_geometry(keys, device):
-    """[(key, row indices, their token indices)] for rows sharing ``key``, in first-seen order."""
+def _by_geometry(keys, offsets, length, device):
+    """[(key, row indices, the indices of their tokens)] for rows sharing ``key`` (row i's tokens start at
+    ``offsets[i]``; ``length(key)`` tokens a row), in first-seen order."""
     groups: dict = {}
     for i, key in enumerate(keys):
         groups.setdefault(key, []).append(i)
-    return [(key, torch.tensor(rows, device=device), rows) for key, rows in groups.items()]
+    return [(key, torch.tensor(rows, device=device),
+             torch.tensor([offsets[i] + j for i in rows for j in range(length(key))], device=device))
+            for key, rows in groups.items()]
 
 
 class _ExtendPlan:
@@ -57,22 +60,17 @@ class _ExtendPlan:
 
     def __init__(self, group, block_size, device):
         self.block_size = block_size
-        starts, lens = group.starts.tolist(), group.lens
-        offs = [0, *accumulate(lens)]       # from the host's lengths: ``group.cu`` lives on the device
-        self.shapes = []
-        for (s, n), rows_t, rows in _by_geometry(list(zip(starts, lens)), device):
-            tok = torch.tensor([offs[i] + j for i in rows for j in range(n)], device=device)
-            self.shapes.append(((s, n), rows_t, tok))
+        offs = [0, *accumulate(group.lens)]     # from the host's lengths: ``group.cu`` lives on the device
+        self.shapes = _by_geometry(list(zip(group.starts.tolist(), group.lens)), offs, lambda key: key[1], device)
 
 
 class _SubPlan:
     """Rows of one sub-block group, grouped by block start (they see the same number of prefix keys)."""
 
     def __init__(self, group, block_size, device):
-        self.n = group.lens[0]
-        self.by_start = [(p, rows_t, torch.tensor([i * self.n + j for i in rows for j in range(self.n)],
-                                                  device=device))
-                         for p, rows_t, rows in _by_geometry(group.starts.tolist(), device)]
+        self.n = n = group.lens[0]
+        starts = group.starts.tolist()
+        self.by_start = _by_geometry(starts, [i * n for i in range(len(starts))], lambda key: n, device)
 
 
 class TorchAttnContext:
