@@ -7,6 +7,7 @@ import pytest
 
 import fastdllm_rt
 from tests.conftest import ORACLE_DIR
+from tests.helpers.forwards import as_original_counts
 
 # test data, not a feature: the original code's outputs live outside the repository (only the shipped model is
 # committed as a binary); everything these tests check is also checked against independent references elsewhere
@@ -24,15 +25,6 @@ def oracle():
 def rt(oracle):
     return fastdllm_rt.load(os.path.join(ORACLE_DIR, "ckpt"), mask_token_id=oracle["mask_token_id"],
                             stop_token_id=oracle["stop_token_id"], pad_token_id=oracle["pad_token_id"])
-
-
-def _as_original_counts(stats):
-    """The original counts the prefill as a commit-kind forward. With the prefix cache on (the default) a
-    prompt whose whole blocks a previous case already computed is served without a prefill forward: that
-    served prefill stands for the original's one."""
-    f = stats.forwards
-    prefill = f["prefill"] or (1 if stats.prefix_tokens_served else 0)
-    return {"commit": prefill + f["commit"], "full_block": f["full_block"], "sub_block": f["sub_block"]}
 
 
 def _budget(case):
@@ -63,7 +55,7 @@ def test_generation_matches_the_original(rt, oracle, case_index):
     out = rt.generate([case["prompt"]], max_new_tokens=_budget(case), threshold=case["threshold"],
                       use_block_cache=case["use_block_cache"])
     assert out.tokens[0] == case["tokens"]
-    assert _as_original_counts(out.stats) == case["forwards"]
+    assert as_original_counts(out.stats) == case["forwards"]
 
 
 @pytest.mark.parametrize("case_index", range(12))
@@ -73,5 +65,5 @@ def test_layer_reuse_matches_the_original_experiment(rt, oracle, case_index):
     out = rt.generate([case["prompt"]], max_new_tokens=_budget(case), threshold=case["threshold"],
                       use_block_cache=case["use_block_cache"], reuse=policy)
     assert out.tokens[0] == case["tokens"]
-    assert _as_original_counts(out.stats) == case["forwards"]
+    assert as_original_counts(out.stats) == case["forwards"]
     assert out.stats.skipped_layer_evaluations > 0
