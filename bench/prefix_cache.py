@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from common import SHAPES, add_run_args, random_ids, random_state_dict, record, start, token_ids
+from common import SHAPES, add_run_args, random_ids, random_state_dict, record, start, sync, token_ids
 
 import fastdllm_rt
 from fastdllm_rt.prefix_cache import PrefixCache
@@ -58,17 +58,12 @@ def header_share(stats):
     return stats.prefix_tokens_computed / stats.tokens_forwarded if stats.tokens_forwarded else 0.0
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def timed(rt, device, fn):
     rt.prefix_cache = PrefixCache(rt.block_size, None, device) if rt.prefix_cache is not None else None
-    sync(device)
+    sync()
     t0 = time.perf_counter()
     out = fn()
-    sync(device)
+    sync()
     return out, time.perf_counter() - t0
 
 
