@@ -23,6 +23,8 @@ SMOKE = {
     "scoring": (["bench/scoring.py", "--shapes", "tiny", "--questions", "2", "--orig-questions", "1",
                  "--check-questions", "1", "--context", "40,70", "--backend", "torch"], ["scoring", "ceilings"]),
     "parity_gpu": (["bench/parity_gpu.py", "--shape", "tiny", "--prefix", "64", "--backends", "torch"], ["parity"]),
+    "prefix_cache": (["bench/prefix_cache.py", "--shape", "tiny", "--layers", "2", "--questions", "8",
+                      "--gen-questions", "2", "--new-tokens", "8", "--subjects", "2"], ["prefix_cache"]),
 }
 
 
